@@ -1,0 +1,247 @@
+"""Every DreamTeacher checkpoint, declared once.
+
+A `Recipe` says everything about one checkpoint: the timm architecture and tag, the Hub repo, the frozen
+teacher and its taps, the regressor, the loss weights, the data and its preprocessing, the optimiser and
+schedule, the licence and whether the weights are published. The timm registration, the trainer's defaults,
+the exported `config.json` and the generated model card all read these objects; no hyper-parameter is typed
+twice. Paper numbers and their ambiguities: arXiv:2307.07487 (see the README's "Recipe choices").
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import fnmatch
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+HUB_ORG = "dreamteacher"  # the one place the Hub organisation is named
+PAPER_ID = "arXiv:2307.07487"
+PAPER_URL = "https://arxiv.org/abs/2307.07487"
+CODE_URL = "https://github.com/dreamteacher/dreamteacher-models"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)  # the 60k training images, replicated to 3 channels
+FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
+
+TeacherKind = Literal["unet", "adm", "latent"]
+WeightsStatus = Literal["published", "unpublished"]
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The frozen generative model whose features are distilled."""
+
+    kind: TeacherKind  # unet: diffusers UNet2DModel; adm: guided-diffusion checkpoint; latent: Stable Diffusion
+    source: str  # Hub repo id or local folder (an ADM .pt is converted with `python -m training.adm`)
+    timestep: int  # x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, then one UNet pass at t
+    taps: tuple[str, ...] = ()  # module names to read; () = each decoder level before its upsampler
+    encoding: Literal["noise", "ddim"] = "noise"  # paper: fresh-noise encoding; DDIM inversion for the ablation
+    adm_preset: str | None = None  # guided-diffusion flags preset, for kind == "adm"
+    resolution: int | None = None  # teacher input size; None = the student's input size
+    description: str = ""  # shown in model cards
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data and the preprocessing a user needs to fine-tune the backbone."""
+
+    name: str  # short dataset id used in model cards ("imagenet-1k", "fashion-mnist")
+    hub_dataset: str | None  # `datasets` Hub id when the data is on the Hub
+    input_size: tuple[int, int, int]  # (C, H, W) the backbone was pretrained at
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float = 1.0  # resize shorter side to H / crop_pct, then center crop
+    interpolation: str = "bicubic"
+    hflip: bool = True  # the paper's only augmentation
+    num_images: int | None = None  # size of the unlabeled training set
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: Literal["lamb", "adamw"]
+    lr: float  # peak learning rate at `batch_size`
+    weight_decay: float
+    betas: tuple[float, float]
+    batch_size: int  # global batch; the trainer accumulates gradients to reach it on any device count
+    epochs: float
+    warmup_epochs: float
+    schedule: Literal["cosine"] = "cosine"
+    min_lr: float = 0.0
+    grad_clip: float | None = 3.0  # max gradient L2 norm; None = off
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    mse_weight: float = 1.0
+    at_weight: float = 10.0  # paper: L_feat = L_MSE + 10 * L_AT
+    norm_axes: Literal["chw", "c"] = "chw"  # non-learnable LayerNorm of teacher features over (C,H,W) per sample
+
+
+@dataclass(frozen=True)
+class Recipe:
+    arch: str  # timm architecture
+    tag: str  # timm pretrained tag
+    teacher: TeacherConfig
+    data: DataConfig
+    optim: OptimConfig
+    loss: LossConfig = field(default_factory=LossConfig)
+    regressor_width: int = 256
+    ppm_bins: tuple[int, ...] = (1, 2, 3, 6)
+    status: WeightsStatus = "unpublished"
+    license: str = "apache-2.0"
+    notes: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}.{self.tag}"
+
+    @property
+    def hub_id(self) -> str:
+        return f"{HUB_ORG}/{self.name}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+ADM_IMAGENET_TEACHER = TeacherConfig(
+    kind="adm",
+    source="256x256_diffusion_uncond.pt",
+    adm_preset="256x256_diffusion_uncond",
+    timestep=150,
+    description="OpenAI guided-diffusion ADM, unconditional ImageNet 256x256, decoder blocks 3/6/9/12 at t=150",
+)
+IMAGENET_DATA = DataConfig(
+    name="imagenet-1k",
+    hub_dataset="ILSVRC/imagenet-1k",
+    input_size=(3, 256, 256),
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    num_images=1_281_167,
+)
+# Ambiguity 1: the appendix lists lr 4e-3, the main text 2e-4 x batch/256 (1.6e-3). We follow the appendix table.
+IMAGENET_OPTIM = OptimConfig(
+    optimizer="lamb", lr=4e-3, weight_decay=0.05, betas=(0.9, 0.95), batch_size=2048, epochs=200, warmup_epochs=30
+)
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(arch="resnet50", tag="dreamteacher_in1k", teacher=ADM_IMAGENET_TEACHER, data=IMAGENET_DATA,
+               optim=IMAGENET_OPTIM, license="other",
+               notes="ImageNet-1k images (no labels); ImageNet's terms of access apply to derived weights."),
+        Recipe(arch="convnext_base", tag="dreamteacher_in1k", teacher=ADM_IMAGENET_TEACHER, data=IMAGENET_DATA,
+               optim=IMAGENET_OPTIM, license="other",
+               notes="ImageNet-1k images (no labels); ImageNet's terms of access apply to derived weights."),
+        Recipe(
+            arch="resnet18",
+            tag="dreamteacher_fmnist",
+            teacher=TeacherConfig(
+                kind="unet",
+                source="teachers/ddpm-fashion-mnist-32",
+                timestep=50,
+                description="DDPM (diffusers UNet2DModel, 32x32) trained here on the 60k Fashion-MNIST train images",
+            ),
+            data=DataConfig(
+                name="fashion-mnist",
+                hub_dataset="zalando-datasets/fashion_mnist",
+                input_size=(3, 32, 32),
+                mean=FASHION_MNIST_MEAN,
+                std=FASHION_MNIST_STD,
+                interpolation="bilinear",
+                num_images=60_000,
+            ),
+            optim=OptimConfig(
+                optimizer="adamw", lr=4e-3, weight_decay=0.05, betas=(0.9, 0.95), batch_size=256, epochs=2,
+                warmup_epochs=0.2,
+            ),
+            license="mit",
+            notes="In-domain recipe small enough for a laptop CPU; the trainer's default.",
+        ),
+    )
+}
+
+DEFAULT_RECIPE = "resnet18.dreamteacher_fmnist"
+
+
+class UnknownRecipeError(KeyError):
+    def __str__(self) -> str:  # KeyError would otherwise quote the whole message
+        return str(self.args[0])
+
+
+def list_recipes(pattern: str = "*") -> list[str]:
+    """Names of the declared checkpoints matching a shell-style pattern, sorted."""
+    return sorted(n for n in RECIPES if fnmatch.fnmatch(n, pattern))
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called `name` (`<arch>.<tag>`, an `hf-hub:` prefix and the org are tolerated)."""
+    key = name.removeprefix("hf-hub:").removeprefix(f"{HUB_ORG}/")
+    if key not in RECIPES:
+        raise UnknownRecipeError(f"unknown DreamTeacher recipe {name!r}; known recipes: {', '.join(list_recipes())}")
+    return RECIPES[key]
+
+
+def recipe_from_dict(values: dict) -> Recipe:
+    """Inverse of `Recipe.to_dict` (e.g. the resolved config a training run writes)."""
+    return _build(Recipe, values, "")
+
+
+def apply_overrides(recipe: Recipe, assignments: list[str]) -> Recipe:
+    """Return `recipe` with `field.sub=value` assignments applied (values parsed as Python/JSON literals)."""
+    values = recipe.to_dict()
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep:
+            raise ValueError(f"override {assignment!r} is not of the form field=value (e.g. teacher.timestep=250)")
+        *parents, leaf = key.strip().split(".")
+        node = values
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"unknown recipe field {key!r}; known fields: {', '.join(recipe_fields())}")
+            node = node[part]
+        if leaf not in node or isinstance(node[leaf], dict):
+            raise ValueError(f"unknown recipe field {key!r}; known fields: {', '.join(recipe_fields())}")
+        node[leaf] = _parse_literal(raw.strip())
+    return recipe_from_dict(values)
+
+
+def recipe_fields(cls=Recipe, prefix: str = "") -> list[str]:
+    """Dotted names of every settable recipe field."""
+    names = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(_field_type(cls, f.name)):
+            names += recipe_fields(_field_type(cls, f.name), f"{prefix}{f.name}.")
+        else:
+            names.append(prefix + f.name)
+    return names
+
+
+def _parse_literal(raw: str):
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return {"true": True, "false": False, "none": None, "null": None}.get(raw.lower(), raw)
+
+
+def _field_type(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _build(cls, values: dict, path: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown recipe field(s) {sorted(path + u for u in unknown)}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        ftype = _field_type(cls, name)
+        if dataclasses.is_dataclass(ftype):
+            kwargs[name] = _build(ftype, value, f"{path}{name}.")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)  # JSON has no tuples; recipes are frozen and hashable
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,179 @@
+"""Export a trained student as a timm-native Hub folder: model.safetensors, config.json, README.md, SHA256SUMS.
+
+    python -m hub.export --checkpoint runs/fmnist --out runs/fmnist/export
+    python -m hub.export --checkpoint student.safetensors --recipe resnet50.dreamteacher_in1k --out export/
+
+The input is a student state dict (timm key names), a `.safetensors` file holding one, or a training run
+(its output dir or one checkpoint dir: keys `student.*` are kept, the regressor is dropped). The folder loads
+with `timm.create_model("local-dir:<out>", pretrained=True)` and, once uploaded, with `hf-hub:` and no
+dreamteacher import at all. Writing is atomic: a crash leaves either the old folder or the new one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import safetensors.torch
+import timm
+import torch
+
+from dreamteacher_models._timm_registry import WEIGHTS_FILENAME, pretrained_cfg_for
+from dreamteacher_models.recipes import Recipe, get_recipe, recipe_from_dict
+
+from .model_card import Results, render_model_card
+
+RESOLVED_RECIPE_FILENAME = "recipe.json"  # the trainer writes the resolved recipe under this name
+STUDENT_PREFIX = "student."  # the trainer's module holds the backbone as `.student`, the regressor beside it
+
+
+def build_backbone(recipe: Recipe) -> torch.nn.Module:
+    """The headless timm model a recipe describes, carrying the recipe's pretrained_cfg (random weights)."""
+    return timm.create_model(recipe.arch, pretrained=False, num_classes=0, pretrained_cfg=pretrained_cfg_for(recipe))
+
+
+def find_run_checkpoint(path: Path) -> Path:
+    """The weights file inside a training run: `path` itself, its model file, or its latest checkpoint's."""
+    if path.is_file():
+        return path
+    if (path / WEIGHTS_FILENAME).is_file():
+        return path / WEIGHTS_FILENAME
+    checkpoints = sorted((path / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
+    for checkpoint in reversed(checkpoints):
+        if (checkpoint / WEIGHTS_FILENAME).is_file():
+            return checkpoint / WEIGHTS_FILENAME
+    raise FileNotFoundError(
+        f"no weights found at {path}: expected a .safetensors file, a folder with {WEIGHTS_FILENAME}, "
+        f"or a training run with checkpoints/checkpoint_N/{WEIGHTS_FILENAME}"
+    )
+
+
+def find_run_recipe(path: Path) -> Recipe | None:
+    """The resolved recipe a training run wrote, looked for beside the checkpoint and up to the run dir."""
+    for folder in [path if path.is_dir() else path.parent, *path.parents][:4]:
+        if (folder / RESOLVED_RECIPE_FILENAME).is_file():
+            return recipe_from_dict(json.loads((folder / RESOLVED_RECIPE_FILENAME).read_text()))
+    return None
+
+
+def student_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Backbone tensors only: `student.`-prefixed keys when present (regressor/teacher dropped), DDP prefix removed."""
+    state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if any(k.startswith(STUDENT_PREFIX) for k in state):
+        state = {k.removeprefix(STUDENT_PREFIX): v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+    return state
+
+
+def load_student(recipe: Recipe, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """The recipe's backbone with `state_dict` loaded strictly; mismatches are reported by name."""
+    model = build_backbone(recipe)
+    state = student_state_dict(state_dict)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                   if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        raise ValueError(
+            f"the checkpoint does not match {recipe.arch} (num_classes=0): missing {_head(missing)}, "
+            f"unexpected {_head(unexpected)}, wrong shapes {_head(wrong_shape)}"
+        )
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _head(names: list[str], n: int = 6) -> str:
+    return f"{names[:n]}{' ...' if len(names) > n else ''} ({len(names)})"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_for_hub(
+    weights: Mapping[str, torch.Tensor] | str | Path,
+    out_dir: str | Path,
+    recipe: Recipe | str | None = None,
+    results: Results | None = None,
+    results_note: str = "",
+) -> Path:
+    """Write the timm-native folder for a trained student; returns `out_dir`.
+
+    weights: a state dict, a .safetensors file, or a training run / checkpoint folder.
+    recipe: a Recipe or its name; defaults to the resolved recipe the training run wrote.
+    """
+    if not isinstance(weights, Mapping):
+        source = Path(weights)
+        if not source.exists():
+            raise FileNotFoundError(f"checkpoint {source} does not exist")
+        recipe = recipe or find_run_recipe(source)
+        weights = safetensors.torch.load_file(find_run_checkpoint(source))
+    if recipe is None:
+        raise ValueError("no recipe given and none found beside the checkpoint: pass --recipe NAME")
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    model = load_student(recipe, weights)
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        timm.models.save_for_hf(model, staging, safe_serialization=True)
+        _check_no_pickles(staging)
+        digest = sha256_of(staging / WEIGHTS_FILENAME)
+        (staging / "SHA256SUMS").write_text(f"{digest}  {WEIGHTS_FILENAME}\n")
+        params_m = sum(p.numel() for p in model.parameters()) / 1e6
+        card = render_model_card(recipe, params_m=params_m, sha256=digest, results=results, results_note=results_note)
+        card.save(staging / "README.md")
+        (staging / RESOLVED_RECIPE_FILENAME).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_no_pickles(folder: Path) -> None:
+    pickles = [p.name for p in folder.iterdir() if p.suffix in {".bin", ".pth", ".pt", ".pkl"}]
+    if pickles:
+        raise RuntimeError(f"export produced pickle files {pickles}; only safetensors may be shipped")
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`, replacing an existing folder with no moment where neither is complete."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="training run dir, checkpoint dir or .safetensors file")
+    parser.add_argument("--out", required=True, help="folder to write (replaced atomically if it exists)")
+    parser.add_argument("--recipe", help="recipe name; default: the resolved recipe saved by the training run")
+    parser.add_argument("--results", help="JSON {protocol: {metric: value}} (e.g. training/evaluate.py output)")
+    parser.add_argument("--results-note", default="", help="one line under the results table: command, machine")
+    args = parser.parse_args(argv)
+    results = json.loads(Path(args.results).read_text()) if args.results else None
+    if isinstance(results, dict) and "results" in results:  # evaluate.py's JSON: results plus run metadata
+        results = results["results"]
+    out = export_for_hub(args.checkpoint, args.out, recipe=args.recipe, results=results, results_note=args.results_note)
+    print(f"exported to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Test-wide settings: offline Hub, few threads, opt-in GPU and network tests."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported anywhere
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-gpu", action="store_true", help="run tests marked gpu")
+    parser.addoption("--run-network", action="store_true", help="run tests marked network")
+
+
+def pytest_collection_modifyitems(config, items):
+    for marker in ("gpu", "network"):
+        if config.getoption(f"--run-{marker}"):
+            continue
+        skip = pytest.mark.skip(reason=f"needs --run-{marker}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)

@@ -1,0 +1,176 @@
+"""Export -> load round trips through every route timm offers, for every recipe."""
+
+import json
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from dreamteacher_models import RECIPES, get_recipe
+from hub.export import build_backbone, export_for_hub, main as export_main
+from hub.publish import check_export, publish
+from tests.hub_cache import populate_hf_cache
+
+
+def _trained_student(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_backbone(get_recipe(name))
+    with torch.no_grad():  # move BN statistics away from their init so a missed buffer shows
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _probe(name: str) -> torch.Tensor:
+    size = min(get_recipe(name).data.input_size[1], 64)
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _export(name, tmp_path_factory):
+    model = _trained_student(name)
+    checkpoint = {f"student.{k}": v for k, v in model.state_dict().items()}
+    checkpoint["regressor.lateral.0.weight"] = torch.zeros(4, 4)  # must be dropped
+    folder = export_for_hub(checkpoint, tmp_path_factory.mktemp(name) / "export", recipe=name)
+    return name, model, folder
+
+
+@pytest.fixture(scope="module", params=sorted(RECIPES))
+def exported_each(request, tmp_path_factory):
+    """(name, trained model, export folder) for every recipe; the trainer's checkpoint layout is the input."""
+    return _export(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The same for one small recipe, for the checks that do not depend on the architecture."""
+    return _export("resnet18.dreamteacher_fmnist", tmp_path_factory)
+
+
+def test_export_folder_is_student_only_timm_format(exported_each):
+    name, model, folder = exported_each
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "SHA256SUMS", "config.json", "model.safetensors",
+                                                       "recipe.json"]
+    weights = safetensors.torch.load_file(folder / "model.safetensors")
+    assert set(weights) == set(model.state_dict())  # timm key names, no regressor or teacher tensors
+    config = json.loads((folder / "config.json").read_text())
+    recipe = get_recipe(name)
+    assert config["architecture"] == recipe.arch and config["num_classes"] == 0
+    assert config["pretrained_cfg"]["tag"] == recipe.tag
+    assert tuple(config["pretrained_cfg"]["mean"]) == recipe.data.mean
+    assert tuple(config["pretrained_cfg"]["input_size"]) == recipe.data.input_size
+
+
+def test_model_card_metadata_and_sections(exported):
+    name, _, folder = exported
+    card = (folder / "README.md").read_text()
+    assert "library_name: timm" in card and "image-feature-extraction" in card
+    assert f"license: {get_recipe(name).license}" in card
+    for section in ("## Model Details", "## Model Usage", "## Training Recipe", "## Results", "## Citation"):
+        assert section in card
+    for route in (f'"hf-hub:{get_recipe(name).hub_id}"', f'"{name}"', '"local-dir:'):
+        assert route in card
+    digest = (folder / "SHA256SUMS").read_text().split()[0]
+    assert digest in card
+
+
+def test_registered_name_loads_export_via_file_overlay(exported_each):
+    name, model, folder = exported_each
+    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors")))
+    x = _probe(name)
+    assert torch.equal(loaded.eval()(x), model(x))
+
+
+def test_registered_name_loads_through_the_hub_cache(exported_each, tmp_path):
+    name, model, folder = exported_each
+    populate_hf_cache(tmp_path, get_recipe(name).hub_id, folder)
+    loaded = timm.create_model(name, pretrained=True, cache_dir=tmp_path)
+    x = _probe(name)
+    assert torch.equal(loaded.eval()(x), model(x))
+
+
+def test_hf_hub_route_needs_no_dreamteacher_registration(exported, tmp_path):
+    name, model, folder = exported
+    populate_hf_cache(tmp_path, "someone/my-dreamteacher", folder)
+    loaded = timm.create_model("hf-hub:someone/my-dreamteacher", pretrained=True, cache_dir=tmp_path)
+    x = _probe(name)
+    assert torch.equal(loaded.eval()(x), model(x))
+
+
+def test_local_dir_route_and_data_config(exported):
+    name, model, folder = exported
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = _probe(name)
+    assert torch.equal(loaded(x), model(x))
+    data = get_recipe(name).data
+    cfg = timm.data.resolve_data_config({}, model=loaded)
+    assert tuple(cfg["input_size"]) == data.input_size
+    assert tuple(cfg["mean"]) == data.mean and tuple(cfg["std"]) == data.std
+    assert cfg["crop_pct"] == data.crop_pct and cfg["interpolation"] == data.interpolation
+
+
+def test_features_only_strides_and_channels(exported_each):
+    name, model, folder = exported_each
+    features = timm.create_model(f"local-dir:{folder}", pretrained=True, features_only=True, out_indices=(-4, -3, -2, -1))
+    assert features.feature_info.reduction() == [4, 8, 16, 32]
+    maps = features.eval()(_probe(name))
+    assert [m.shape[1] for m in maps] == features.feature_info.channels()
+    reference = [info["num_chs"] for info in model.feature_info][-4:]
+    assert features.feature_info.channels() == reference
+
+
+def test_num_classes_gives_a_fresh_head_on_pretrained_trunk(exported):
+    name, model, folder = exported
+    classifier = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=10).eval()
+    assert classifier(_probe(name)).shape == (2, 10)
+    trunk = {k: v for k, v in classifier.state_dict().items() if k in model.state_dict()}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in trunk.items())
+
+
+def test_export_rejects_a_mismatched_checkpoint(tmp_path):
+    wrong = timm.create_model("resnet18", num_classes=0).state_dict()
+    with pytest.raises(ValueError, match="does not match resnet50"):
+        export_for_hub(wrong, tmp_path / "out", recipe="resnet50.dreamteacher_in1k")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_export_cli_from_a_training_run_layout(tmp_path):
+    recipe = get_recipe("resnet18.dreamteacher_fmnist")
+    model = _trained_student(recipe.name)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "checkpoint_1").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint_0").mkdir()
+    (run / "recipe.json").write_text(json.dumps(recipe.to_dict()))
+    latest = {f"student.{k}": v.clone() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(latest, run / "checkpoints" / "checkpoint_1" / "model.safetensors")
+    stale = {k: torch.zeros_like(v) for k, v in latest.items()}
+    safetensors.torch.save_file(stale, run / "checkpoints" / "checkpoint_0" / "model.safetensors")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"results": {"linear probe": {"top1": 81.25}}}))
+    out = export_main(["--checkpoint", str(run), "--out", str(tmp_path / "export"), "--results", str(results)])
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = _probe(recipe.name)
+    assert torch.equal(loaded(x), model(x))
+    assert "| linear probe | 81.25 |" in (out / "README.md").read_text()
+
+
+def test_publish_is_a_dry_run_by_default(exported, capsys, monkeypatch):
+    _, _, folder = exported
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    assert publish(folder) is None
+    output = capsys.readouterr().out
+    assert "dry run" in output and "hf_secret_value" not in output
+    assert "model.safetensors" in check_export(folder)
+
+
+def test_publish_refuses_a_tampered_export(exported, tmp_path):
+    _, _, folder = exported
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in folder.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    (copy / "SHA256SUMS").write_text("0" * 64 + "  model.safetensors\n")
+    with pytest.raises(ValueError, match="does not match its SHA256SUMS"):
+        publish(copy, repo_id="x/y")

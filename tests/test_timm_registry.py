@@ -1,0 +1,125 @@
+"""Contract tests: our tags sit in timm's registry beside timm's own, without disturbing them."""
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+from timm.models import _registry
+
+import dreamteacher_models
+from dreamteacher_models import RECIPES, WeightsNotAvailableError, get_recipe, list_recipes
+from dreamteacher_models._timm_registry import TimmRegistryChanged, register_recipes
+from dreamteacher_models.recipes import UnknownRecipeError
+
+
+def test_every_recipe_is_listed_by_timm():
+    assert timm.list_pretrained("*dreamteacher*") == sorted(RECIPES)
+    assert set(timm.list_models(pretrained=True)) >= set(RECIPES)
+    for name in RECIPES:
+        assert timm.is_model_pretrained(name)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_pretrained_cfg_comes_from_the_recipe(name):
+    recipe = get_recipe(name)
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert cfg.hf_hub_id == recipe.hub_id and cfg.hf_hub_filename == "model.safetensors"
+    assert cfg.num_classes == 0
+    assert tuple(cfg.input_size) == recipe.data.input_size
+    assert tuple(cfg.mean) == recipe.data.mean and tuple(cfg.std) == recipe.data.std
+    assert cfg.crop_pct == recipe.data.crop_pct and cfg.interpolation == recipe.data.interpolation
+    assert cfg.license == recipe.license and cfg.paper_ids == "arXiv:2307.07487"
+
+
+def test_timm_own_tags_and_defaults_are_unchanged():
+    """Snapshot timm's registry in a fresh interpreter before and after importing our package."""
+    script = textwrap.dedent(
+        """
+        import json, timm
+        from timm.models import get_pretrained_cfg
+        def snapshot():
+            out = {}
+            for arch in ("resnet18", "resnet50", "convnext_base"):
+                tags = [n for n in timm.list_pretrained(arch + ".*") if "dreamteacher" not in n]
+                out[arch] = {"tags": tags, "default": get_pretrained_cfg(arch).to_dict(),
+                             "first": timm.models._registry._model_default_cfgs[arch].tags[0]}
+            return out
+        before = snapshot()
+        import dreamteacher_models
+        after = snapshot()
+        print(json.dumps(before == after))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "true", result.stderr
+
+
+def test_timm_own_weights_still_resolve_to_timm():
+    cfg = timm.models.get_pretrained_cfg("resnet50.a1_in1k")
+    assert cfg.hf_hub_id == "timm/resnet50.a1_in1k" and cfg.num_classes == 1000
+    model = timm.create_model("resnet50")  # architecture default: 1000 classes, timm's head
+    assert model.num_classes == 1000 and model.pretrained_cfg["tag"] == "a1_in1k"
+
+
+def test_registration_is_idempotent():
+    before = list(_registry._model_with_tags["resnet50"])
+    register_recipes(RECIPES.values())
+    assert _registry._model_with_tags["resnet50"] == before
+    assert _registry._model_default_cfgs["resnet50"].tags.count("dreamteacher_in1k") == 1
+
+
+def test_changed_timm_internals_fail_loudly(monkeypatch):
+    monkeypatch.delattr(_registry, "_model_with_tags")
+    with pytest.raises(TimmRegistryChanged, match="_model_with_tags"):
+        register_recipes(RECIPES.values())
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(UnknownRecipeError) as error:
+        get_recipe("resnet50.dreamteacher_in22k")
+    assert "resnet50.dreamteacher_in22k" in str(error.value)
+    for name in list_recipes():
+        assert name in str(error.value)
+    assert get_recipe("hf-hub:dreamteacher/resnet50.dreamteacher_in1k").name == "resnet50.dreamteacher_in1k"
+    assert list_recipes("resnet*") == ["resnet18.dreamteacher_fmnist", "resnet50.dreamteacher_in1k"]
+
+
+def test_unknown_dreamteacher_tag_lists_the_known_ones():
+    with pytest.raises(UnknownRecipeError, match="dreamteacher_in22k.*resnet50.dreamteacher_in1k"):
+        timm.create_model("resnet50.dreamteacher_in22k")
+
+
+def test_unpublished_weights_error_is_actionable_and_immediate(tmp_path):
+    with pytest.raises(WeightsNotAvailableError) as error:
+        timm.create_model("resnet50.dreamteacher_in1k", pretrained=True, cache_dir=tmp_path)
+    message = str(error.value)
+    assert "dreamteacher/resnet50.dreamteacher_in1k" in message  # the repo id
+    assert "not published" in message
+    assert "accelerate launch training/pretrain.py --recipe resnet50.dreamteacher_in1k" in message
+    assert "local-dir:" in message
+
+
+def test_published_weights_offline_without_cache_error(tmp_path, monkeypatch):
+    recipe = dataclasses.replace(get_recipe("resnet18.dreamteacher_fmnist"), status="published")
+    monkeypatch.setitem(_registry._model_entrypoints["resnet18"]._dreamteacher_recipes, recipe.tag, recipe)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotAvailableError, match="are published at .*could not be loaded"):
+        timm.create_model(recipe.name, pretrained=True, cache_dir=tmp_path)
+
+
+def test_plain_architecture_calls_pass_through():
+    model = timm.create_model("resnet18", num_classes=3)
+    assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+    assert _registry._model_entrypoints["resnet18"].__name__ == "resnet18"
+
+
+def test_import_stays_light():
+    script = "import sys, dreamteacher_models; print(sorted(m for m in ('diffusers', 'accelerate', 'datasets') " \
+             "if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    assert dreamteacher_models.__version__
