@@ -1,0 +1,460 @@
+"""Train an in-domain diffusion teacher: a diffusers `UNet2DModel` DDPM on unlabeled images, with Accelerate.
+
+Follows diffusers' examples/unconditional_image_generation/train_unconditional.py: DDPMScheduler (linear betas,
+1000 steps), epsilon prediction, MSE; AdamW with warm-up + cosine/constant schedule; EMA weights (EMAModel);
+checkpoints with ``accelerator.save_state`` (automatic naming, rotation) and ``--resume latest``; TensorBoard
+scalars; a DDIM sample grid (EMA weights) at each checkpoint; at the end an atomic export of the EMA weights as a
+diffusers folder (model_index.json, unet/, scheduler/, samples.png, README.md), optionally in fp16.
+
+The UNet is attention-free (DownBlock2D/UpBlock2D only) with one level per entry of ``--block-out-channels``:
+with 4 levels at 32 px its decoder levels sit at strides 8, 4, 2, 1, matched by rank to the student's C5..C2.
+
+Images are fed in [-1, 1] (the recipe's resize/crop/flip, then mean = std = 0.5), as DDPMs expect; a user of the
+exported teacher must map its inputs to [-1, 1] too.
+
+    python training/train_teacher.py --max-steps 3000 --output-dir runs/teacher-fmnist
+    accelerate launch training/train_teacher.py ...
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (python/accelerate launch): put the repo root on sys.path
+    _root = str(Path(__file__).resolve().parents[1])
+    if _root not in sys.path:
+        sys.path.insert(0, _root)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from dreamteacher_models.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
+from training import data  # noqa: E402
+
+logger = logging.getLogger("train_teacher")
+
+
+def _int_list(s: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return vals
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe whose data config (source, resize, flip) is used")
+    p.add_argument("--data-dir", default=None, help="folder of IDX files or of images (imagefolder)")
+    p.add_argument("--dataset", default=None, help="Hub dataset id (needs network); default: the recipe's data")
+    p.add_argument("--split", default="train")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--block-out-channels", type=_int_list, default=(32, 64, 128, 128))
+    p.add_argument("--layers-per-block", type=int, default=1)
+    p.add_argument("--norm-num-groups", type=int, default=32, help="GroupNorm groups (divides every channel count)")
+    p.add_argument("--batch-size", type=int, default=64, help="per device")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=10_000, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "constant"])
+    p.add_argument("--lr-warmup-steps", type=int, default=200)
+    p.add_argument("--adam-beta1", type=float, default=0.95)
+    p.add_argument("--adam-beta2", type=float, default=0.999)
+    p.add_argument("--weight-decay", type=float, default=1e-6)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--ema-max-decay", type=float, default=0.9999)
+    p.add_argument("--ema-inv-gamma", type=float, default=1.0)
+    p.add_argument("--ema-power", type=float, default=0.75)
+    p.add_argument("--num-train-timesteps", type=int, default=1000)
+    p.add_argument("--output-dir", default="runs/teacher", help="checkpoints/, logs/, samples/ go here")
+    p.add_argument("--export-dir", default=None, help="final diffusers folder (default: OUTPUT_DIR/export)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between save_state checkpoints")
+    p.add_argument("--checkpoint-every-minutes", type=float, default=None,
+                   help="also checkpoint when this many minutes passed since the last checkpoint")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop (checkpoint, sample, export) after this much training wall time, even before --max-steps")
+    p.add_argument("--checkpoints-total-limit", type=int, default=3)
+    p.add_argument("--sample-every", type=int, default=None,
+                   help="steps between sample grids (default: at checkpoints)")
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the sample grid")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fp16-export", action="store_true", help="cast the exported UNet weights to fp16")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--hardware-note", default=None, help="machine description written into the export README")
+    p.add_argument("--log-every", type=int, default=10)
+    args = p.parse_args(argv)
+    if args.resolution % 2 ** (len(args.block_out_channels) - 1):
+        p.error(f"--resolution {args.resolution} must be divisible by 2**(levels-1) = "
+                f"{2 ** (len(args.block_out_channels) - 1)} for --block-out-channels {args.block_out_channels}")
+    if any(c % args.norm_num_groups for c in args.block_out_channels):
+        p.error(f"--block-out-channels {args.block_out_channels} must all be divisible by --norm-num-groups "
+                f"{args.norm_num_groups}")
+    for name in ("max_steps", "batch_size", "checkpoint_every", "layers_per_block", "num_samples", "sample_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.sample_every is None:
+        args.sample_every = args.checkpoint_every
+    return args
+
+
+def build_unet(resolution: int, block_out_channels, layers_per_block: int, channels: int = 3,
+               norm_num_groups: int = 32):
+    from diffusers import UNet2DModel
+
+    n = len(block_out_channels)
+    return UNet2DModel(
+        sample_size=resolution,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=layers_per_block,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("DownBlock2D",) * n,  # attention-free: fast on CPU, decoder levels at strides 2^(n-1)..1
+        up_block_types=("UpBlock2D",) * n,
+        norm_num_groups=norm_num_groups,
+    )
+
+
+def build_scheduler(num_train_timesteps: int = 1000):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear", prediction_type="epsilon")
+
+
+class TrainState:
+    """Step counter saved with each checkpoint (``accelerator.register_for_checkpointing``)."""
+
+    def __init__(self, noise_gen: torch.Generator | None = None) -> None:
+        self.noise_gen = noise_gen  # draws the diffusion noise and timesteps; saved so resumes are exact
+        self.step = 0
+        self.images_seen = 0
+        self.skipped = 0
+        self.wall_s = 0.0
+
+    def state_dict(self) -> dict:
+        sd = {"step": self.step, "images_seen": self.images_seen, "skipped": self.skipped, "wall_s": self.wall_s}
+        if self.noise_gen is not None:
+            sd["noise_gen"] = self.noise_gen.get_state()
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step, self.images_seen = int(sd["step"]), int(sd["images_seen"])
+        self.skipped, self.wall_s = int(sd.get("skipped", 0)), float(sd.get("wall_s", 0.0))
+        if self.noise_gen is not None and "noise_gen" in sd:
+            self.noise_gen.set_state(sd["noise_gen"])
+
+
+def _checkpoint_dirs(output_dir: Path) -> list[Path]:
+    ckpt_root = output_dir / "checkpoints"
+    if not ckpt_root.is_dir():
+        return []
+    dirs = [d for d in ckpt_root.iterdir() if d.is_dir() and d.name.startswith("checkpoint_")]
+    return sorted(dirs, key=lambda d: int(d.name.split("_")[-1]))
+
+
+@torch.no_grad()
+def sample_images(unet, noise_scheduler, num: int, steps: int, seed: int) -> np.ndarray:
+    """DDIM samples from `unet` as uint8 (N, H, W, C)."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(noise_scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    was_training = unet.training
+    unet.eval()
+    images = pipe(batch_size=num, generator=gen, num_inference_steps=steps, output_type="np").images
+    unet.train(was_training)
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def save_grid(images: np.ndarray, path: Path, scale: int = 2) -> None:
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+    im = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    im.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def export_teacher(unet, ema, noise_scheduler, export_dir: Path, fp16: bool, grid: Path | None, readme: str) -> Path:
+    """Write the EMA weights as a diffusers DDPMPipeline folder, atomically (temp dir, then rename)."""
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    export_dir = Path(export_dir)
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    model = UNet2DModel.from_config(unet.config)
+    ema.copy_to(model.parameters())
+    if fp16:
+        model = model.to(torch.float16)
+    tmp = export_dir.with_name(f".{export_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    DDPMPipeline(unet=model, scheduler=noise_scheduler).save_pretrained(tmp, safe_serialization=True)
+    if grid is not None and grid.is_file():
+        shutil.copyfile(grid, tmp / "samples.png")
+    (tmp / "README.md").write_text(readme)
+    old = export_dir.with_name(f".{export_dir.name}.old-{os.getpid()}")
+    if export_dir.exists():
+        os.replace(export_dir, old)
+    os.replace(tmp, export_dir)
+    if old.exists():
+        shutil.rmtree(old)
+    return export_dir
+
+
+def _readme(args, argv, state: TrainState, final_loss: float | None, unet) -> str:
+    launcher = "python" if _world_size() == 1 else f"accelerate launch --num_processes {_world_size()}"
+    cmd = f"{launcher} training/train_teacher.py " + " ".join(shlex.quote(a) for a in argv)
+    n_params = sum(p.numel() for p in unet.parameters())
+    hw = args.hardware_note or f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    loss = f"{final_loss:.4f}" if final_loss is not None else "n/a"
+    arch = (f"attention-free, block_out_channels {list(args.block_out_channels)}, layers_per_block "
+            f"{args.layers_per_block}, {n_params / 1e6:.2f} M parameters")
+    return f"""# DDPM teacher ({args.resolution}x{args.resolution}, diffusers UNet2DModel)
+
+Unconditional DDPM trained by `training/train_teacher.py` (dreamteacher-models) as the frozen teacher of the
+DreamTeacher recipe `{args.recipe}`. Weights are the EMA weights{' cast to fp16' if args.fp16_export else ''};
+load with `UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)` or
+`DDPMPipeline.from_pretrained(folder)`. Inputs are images in [-1, 1] (3 channels, grayscale replicated).
+
+| | |
+|---|---|
+| command | `{cmd}` |
+| UNet | {arch} |
+| noise schedule | DDPM linear betas, {args.num_train_timesteps} steps, epsilon prediction, MSE |
+| optimizer steps | {state.step} |
+| batch size (global) | {args.batch_size * args.gradient_accumulation_steps} x {_world_size()} process(es) |
+| images seen | {state.images_seen} |
+| lr | {args.lr} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps), AdamW |
+| last logged loss | {loss} |
+| skipped (unreadable) images | {state.skipped} |
+| wall time | {state.wall_s / 60:.1f} min |
+| machine | {hw}; torch {torch.__version__}, {torch.get_num_threads()} threads |
+
+`samples.png`: {args.num_samples} DDIM samples ({args.sample_steps} steps, seed {args.seed}) from these weights.
+"""
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    output_dir = Path(args.output_dir)
+    project_config = ProjectConfiguration(
+        project_dir=str(output_dir), logging_dir=str(output_dir / "logs"),
+        automatic_checkpoint_naming=True, total_limit=args.checkpoints_total_limit,
+    )
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with="tensorboard",
+        project_config=project_config,
+    )
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(
+            {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}, indent=2))
+
+    # Data: the recipe's resize/crop/flip at --resolution, scaled to [-1, 1].
+    recipe = get_recipe(args.recipe)
+    data_cfg = dataclasses.replace(recipe.data, input_size=(3, args.resolution, args.resolution))
+    hf_ds = data.load_image_dataset(args.data_dir or args.dataset, args.split, recipe_data=data_cfg)
+    transform = data.build_transform(data_cfg, train=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    train_ds = data.ImageDataset(hf_ds, transform)
+    if len(train_ds) < args.batch_size:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the dataset ({len(train_ds)} images)")
+    loader = data.build_dataloader(train_ds, args.batch_size, shuffle=True, seed=args.seed,
+                                   num_workers=args.num_workers, drop_last=True)
+
+    unet = build_unet(args.resolution, args.block_out_channels, args.layers_per_block,
+                      norm_num_groups=args.norm_num_groups)
+    noise_scheduler = build_scheduler(args.num_train_timesteps)
+    ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+                   power=args.ema_power, model_cls=UNet2DModel, model_config=unet.config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay)
+    sched_name = "constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler
+    lr_scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_steps)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    ema.to(accelerator.device)
+    noise_gen = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+    state = TrainState(noise_gen)
+    accelerator.register_for_checkpointing(ema, state)
+
+    if args.resume:
+        if args.resume == "latest":
+            ckpts = _checkpoint_dirs(output_dir)
+            resume_path = ckpts[-1] if ckpts else None
+            if resume_path is None:
+                logger.warning("--resume latest: no checkpoint in %s/checkpoints; starting from scratch", output_dir)
+        else:
+            resume_path = Path(args.resume)
+            if not resume_path.is_dir():
+                raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint folder")
+        if resume_path is not None:
+            accelerator.load_state(str(resume_path))
+            ema.to(accelerator.device)
+            accelerator.project_configuration.iteration = int(resume_path.name.split("_")[-1]) + 1
+            logger.info("resumed from %s at step %d", resume_path, state.step)
+
+    accelerator.init_trackers("train_teacher", config={
+        k: (",".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+        if isinstance(v, (int, float, str, bool, tuple))})
+
+    steps_per_epoch = len(loader) // args.gradient_accumulation_steps
+    if steps_per_epoch < 1:
+        raise ValueError(f"the dataset gives {len(loader)} batches per epoch: fewer than "
+                         f"--gradient-accumulation-steps {args.gradient_accumulation_steps}")
+    total_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("%d images, %d steps/epoch, global batch %d, %d steps (%.2f epochs), UNet %.2f M params",
+                len(train_ds), steps_per_epoch, total_batch, args.max_steps, args.max_steps / steps_per_epoch,
+                sum(p.numel() for p in unet.parameters()) / 1e6)
+
+    def checkpoint_and_sample(step: int, do_ckpt: bool, do_sample: bool) -> Path | None:
+        grid = None
+        if do_ckpt:
+            accelerator.save_state()  # all ranks; checkpoints/checkpoint_<n>, rotated to --checkpoints-total-limit
+        if do_sample and accelerator.is_main_process:
+            model = accelerator.unwrap_model(unet)
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+            images = sample_images(model, noise_scheduler, args.num_samples, args.sample_steps, args.seed)
+            ema.restore(model.parameters())
+            grid = output_dir / "samples" / f"step_{step:07d}.png"
+            save_grid(images, grid)
+            shutil.copyfile(grid, output_dir / "samples" / "latest.png")
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_images("samples", images, step, dataformats="NHWC")
+        return grid
+
+    def agree(flag: bool) -> bool:  # every rank must take time-based decisions together
+        if accelerator.num_processes == 1:
+            return flag
+        t = torch.tensor([int(flag)], device=accelerator.device)
+        return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+    last_ckpt_time = time.time()
+    progress = tqdm(total=args.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+                    desc="teacher", dynamic_ncols=True)
+    t_start = time.time() - state.wall_s
+    last_loss, last_grid = None, None
+    unet.train()
+    done = False
+    while state.step < args.max_steps and not done:
+        epoch, skip = divmod(state.step, steps_per_epoch)
+        loader.set_epoch(epoch)
+        active = loader
+        if skip:
+            active = accelerator.skip_first_batches(loader, skip * args.gradient_accumulation_steps)
+            active.set_epoch(epoch)
+        for batch in active:
+            n_skipped = int(batch["num_skipped"])
+            state.skipped += n_skipped
+            clean = batch["pixel_values"]
+            if clean.shape[0] == 0:  # every image of the batch was unreadable (already logged)
+                continue
+            noise = torch.randn(clean.shape, generator=noise_gen, device=clean.device, dtype=clean.dtype)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=noise_gen,
+                              device=clean.device)
+            noisy = noise_scheduler.add_noise(clean, noise, t)
+            with accelerator.accumulate(unet):
+                pred = unet(noisy, t, return_dict=False)[0]
+                loss = F.mse_loss(pred.float(), noise.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.images_seen += clean.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            ema.step(unet.parameters())
+            state.step += 1
+            state.wall_s = time.time() - t_start
+            last_loss = loss.detach().item()
+            progress.update(1)
+            if state.step % args.log_every == 0 or state.step == args.max_steps:
+                logs = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "ema_decay": ema.cur_decay_value,
+                        "skipped_images": state.skipped, "epoch": state.step / steps_per_epoch}
+                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}", skipped=state.skipped)
+                accelerator.log(logs, step=state.step)
+            now = time.time()
+            timed_out = bool(args.max_minutes) and (now - t_start) / 60 >= args.max_minutes
+            every = args.checkpoint_every_minutes
+            ckpt_due = bool(every) and (now - last_ckpt_time) / 60 >= every
+            if args.max_minutes or args.checkpoint_every_minutes:
+                timed_out, ckpt_due = agree(timed_out), agree(ckpt_due)
+            if timed_out and state.step < args.max_steps:
+                logger.info("--max-minutes %s reached at step %d: stopping", args.max_minutes, state.step)
+            done = state.step >= args.max_steps or timed_out
+            do_ckpt = state.step % args.checkpoint_every == 0 or done or ckpt_due
+            if do_ckpt:
+                last_ckpt_time = now
+            do_sample = state.step % args.sample_every == 0 or do_ckpt
+            if do_ckpt or do_sample:
+                last_grid = checkpoint_and_sample(state.step, do_ckpt, do_sample) or last_grid
+            if done:
+                break
+    progress.close()
+
+    export_dir = Path(args.export_dir) if args.export_dir else output_dir / "export"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if last_grid is None:  # resumed at max_steps: nothing ran; sample the restored EMA for the export
+            last_grid = checkpoint_and_sample(state.step, False, True)
+        model = accelerator.unwrap_model(unet)
+        export_teacher(model, ema, noise_scheduler, export_dir, args.fp16_export, last_grid,
+                       _readme(args, argv, state, last_loss, model))
+        logger.info("exported EMA teacher to %s (%d steps, %.1f min)", export_dir, state.step, state.wall_s / 60)
+    accelerator.end_training()
+    return export_dir
+
+
+if __name__ == "__main__":
+    main()
