@@ -29,6 +29,7 @@ from dreamteacher_models.recipes import Recipe, get_recipe, recipe_from_dict
 from .model_card import Results, render_model_card
 
 RESOLVED_RECIPE_FILENAME = "recipe.json"  # the trainer writes the resolved recipe under this name
+CHECKPOINTS_DIR = "checkpoints"  # the trainer writes complete checkpoints as checkpoints/step_N (atomic rename)
 STUDENT_PREFIX = "student."  # the trainer's module holds the backbone as `.student`, the regressor beside it
 
 
@@ -43,14 +44,19 @@ def find_run_checkpoint(path: Path) -> Path:
         return path
     if (path / WEIGHTS_FILENAME).is_file():
         return path / WEIGHTS_FILENAME
-    checkpoints = sorted((path / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
-    for checkpoint in reversed(checkpoints):
-        if (checkpoint / WEIGHTS_FILENAME).is_file():
-            return checkpoint / WEIGHTS_FILENAME
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is not None and (checkpoint / WEIGHTS_FILENAME).is_file():
+        return checkpoint / WEIGHTS_FILENAME
     raise FileNotFoundError(
         f"no weights found at {path}: expected a .safetensors file, a folder with {WEIGHTS_FILENAME}, "
-        f"or a training run with checkpoints/checkpoint_N/{WEIGHTS_FILENAME}"
+        f"or a training run with {CHECKPOINTS_DIR}/step_N/{WEIGHTS_FILENAME}"
     )
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a training run (incomplete ones are never renamed to step_N)."""
+    steps = [p for p in (Path(run_dir) / CHECKPOINTS_DIR).glob("step_*") if p.name[5:].isdigit()]
+    return max(steps, key=lambda p: int(p.name[5:]), default=None)
 
 
 def find_run_recipe(path: Path) -> Recipe | None:

@@ -1,9 +1,11 @@
 """Test-wide settings: offline Hub, few threads, opt-in GPU and network tests."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported anywhere
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="dreamteacher-tests-datasets-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

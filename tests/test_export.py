@@ -8,7 +8,8 @@ import timm
 import torch
 
 from dreamteacher_models import RECIPES, get_recipe
-from hub.export import build_backbone, export_for_hub, main as export_main
+from hub.export import build_backbone, export_for_hub
+from hub.export import main as export_main
 from hub.publish import check_export, publish
 from tests.hub_cache import populate_hf_cache
 
@@ -78,7 +79,8 @@ def test_model_card_metadata_and_sections(exported):
 
 def test_registered_name_loads_export_via_file_overlay(exported_each):
     name, model, folder = exported_each
-    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors")))
+    overlay = dict(file=str(folder / "model.safetensors"))
+    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
     x = _probe(name)
     assert torch.equal(loaded.eval()(x), model(x))
 
@@ -113,7 +115,8 @@ def test_local_dir_route_and_data_config(exported):
 
 def test_features_only_strides_and_channels(exported_each):
     name, model, folder = exported_each
-    features = timm.create_model(f"local-dir:{folder}", pretrained=True, features_only=True, out_indices=(-4, -3, -2, -1))
+    features = timm.create_model(f"local-dir:{folder}", pretrained=True, features_only=True,
+                                 out_indices=(-4, -3, -2, -1))
     assert features.feature_info.reduction() == [4, 8, 16, 32]
     maps = features.eval()(_probe(name))
     assert [m.shape[1] for m in maps] == features.feature_info.channels()
@@ -140,13 +143,13 @@ def test_export_cli_from_a_training_run_layout(tmp_path):
     recipe = get_recipe("resnet18.dreamteacher_fmnist")
     model = _trained_student(recipe.name)
     run = tmp_path / "run"
-    (run / "checkpoints" / "checkpoint_1").mkdir(parents=True)
-    (run / "checkpoints" / "checkpoint_0").mkdir()
+    (run / "checkpoints" / "step_10").mkdir(parents=True)
+    (run / "checkpoints" / "step_9").mkdir()
     (run / "recipe.json").write_text(json.dumps(recipe.to_dict()))
     latest = {f"student.{k}": v.clone() for k, v in model.state_dict().items()}
-    safetensors.torch.save_file(latest, run / "checkpoints" / "checkpoint_1" / "model.safetensors")
+    safetensors.torch.save_file(latest, run / "checkpoints" / "step_10" / "model.safetensors")
     stale = {k: torch.zeros_like(v) for k, v in latest.items()}
-    safetensors.torch.save_file(stale, run / "checkpoints" / "checkpoint_0" / "model.safetensors")
+    safetensors.torch.save_file(stale, run / "checkpoints" / "step_9" / "model.safetensors")
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"results": {"linear probe": {"top1": 81.25}}}))
     out = export_main(["--checkpoint", str(run), "--out", str(tmp_path / "export"), "--results", str(results)])

@@ -1,0 +1,103 @@
+"""Images/s of a full DreamTeacher distillation step vs its parts, at the same batch and resolution.
+
+    python benchmarks/distill_throughput.py                       # fmnist recipe shapes, a random 4-level UNet teacher
+    python benchmarks/distill_throughput.py --teacher teachers/ddpm-fashion-mnist-32 --batch 64 --rounds 10
+
+Variants (interleaved A B C D per round, medians): the student's bare forward+backward+step; the teacher's
+feature extraction; teacher + student step (the irreducible work); the full step as training/pretrain.py runs it
+(teacher, student, regressor, losses, optimizer). The overhead the regressor + losses add over teacher + student
+is the figure of merit (target: under 15%).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+
+import torch  # noqa: E402
+from timm.optim import create_optimizer_v2  # noqa: E402
+
+from benchmarks.common import interleaved_medians, machine_facts, probe_note  # noqa: E402
+from dreamteacher_models.recipes import DEFAULT_RECIPE, apply_overrides, get_recipe  # noqa: E402
+from training.distiller import build_distiller  # noqa: E402
+from training.losses import feature_distillation_loss  # noqa: E402
+from training.regressor import build_student  # noqa: E402
+from training.teachers import build_teacher  # noqa: E402
+
+BENCH_UNET = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 128, 128),
+                  layers_per_block=1, down_block_types=("DownBlock2D",) * 4, up_block_types=("UpBlock2D",) * 4)
+
+
+def random_teacher_folder() -> str:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-teacher-"))
+    UNet2DModel(**BENCH_UNET).save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    return str(folder)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default=DEFAULT_RECIPE)
+    p.add_argument("--teacher", help="teacher folder (default: a random attention-free UNet, 32,64,128,128)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    recipe = apply_overrides(get_recipe(args.recipe), [f"teacher.source={args.teacher or random_teacher_folder()!r}"])
+    teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std)
+    images = torch.randn(args.batch, *recipe.data.input_size)
+
+    bare = build_student(recipe.arch)
+    bare_opt = create_optimizer_v2(bare, opt=recipe.optim.optimizer, lr=1e-4)
+    distiller = build_distiller(recipe, teacher.channels, teacher.strides)
+    opt = create_optimizer_v2(distiller, opt=recipe.optim.optimizer, lr=1e-4)
+    sizes = [tuple(f.shape[-2:]) for f in teacher(images[:1]).values()]
+
+    def student_step():
+        bare(images).mean().backward()
+        bare_opt.step()
+        bare_opt.zero_grad()
+
+    def teacher_only():
+        teacher(images)
+
+    def teacher_and_student():
+        teacher(images)
+        student_step()
+
+    def full_step():
+        targets = teacher(images)
+        predictions = distiller(images, sizes)
+        feature_distillation_loss(predictions, [targets[s] for s in teacher.strides])["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+
+    variants = {"student fwd+bwd+step": student_step, "teacher features": teacher_only,
+                "teacher + student": teacher_and_student, "full distillation step": full_step}
+    medians, probes = interleaved_medians(variants, rounds=args.rounds)
+    res = recipe.data.input_size[1]
+    print(f"## distillation throughput: {recipe.name}, {res}x{res}, batch {args.batch}\n")
+    print("| variant | ms / batch | images/s | x teacher + student |")
+    print("|---|---|---|---|")
+    base = medians["teacher + student"]
+    for name, seconds in medians.items():
+        print(f"| {name} | {seconds * 1e3:.0f} | {args.batch / seconds:.0f} | {seconds / base:.2f} |")
+    share = medians["teacher features"] / medians["full distillation step"]
+    overhead = medians["full distillation step"] / base - 1
+    print(f"\nregressor + losses overhead over teacher + student: {100 * overhead:.1f}%; "
+          f"teacher share of the full step: {100 * share:.0f}%")
+    print(f"{machine_facts()}; {args.rounds} interleaved rounds; {probe_note(probes)}")
+
+
+if __name__ == "__main__":
+    main()

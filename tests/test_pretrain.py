@@ -1,0 +1,162 @@
+"""The distillation trainer end to end: tiny UNet teacher, resnet18 student, generated images, in-process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+import training.pretrain as pretrain
+from dreamteacher_models.recipes import UnknownRecipeError
+from tests.tiny import make_tiny_teacher, write_fashion_mnist, write_image_folder
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    return write_fashion_mnist(tmp_path_factory.mktemp("fmnist"), n=64)
+
+
+def _args(out, teacher_dir, data_dir, *extra):
+    return ["--teacher", str(teacher_dir), "--data-dir", str(data_dir), "--output-dir", str(out),
+            "--batch-size", "8", "--per-device-batch-size", "4", "--num-workers", "0",
+            "--set", "regressor_width=16", "--feature-images", "0", "--log-every", "1", *extra]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(checkpoint / "model.safetensors")
+
+
+def test_runs_and_exports_a_backbone_timm_loads(tmp_path, teacher_dir, idx_dir):
+    out = pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "3", "--feature-images", "2"))
+    model = timm.create_model(f"local-dir:{out / 'export'}", pretrained=True).eval()
+    trained = {k.removeprefix("student."): v for k, v in _weights(out / "checkpoints" / "step_3").items()
+               if k.startswith("student.")}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 512)
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["regressor_width"] == 16 and recipe["teacher"]["source"] == str(teacher_dir)
+    assert (out / "checkpoints" / "step_3" / "features.png").is_file()
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert {"loss/loss", "loss/mse", "loss/at", "lr", "images_per_s", "time/teacher_s"} <= set(rows[0])
+    assert list((out / "logs").rglob("events.out.tfevents*"))  # TensorBoard scalars
+
+
+def test_loss_goes_down_on_a_fixed_batch(tmp_path, teacher_dir, idx_dir):
+    out = pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "30", "--limit-images", "8",
+                              "--batch-size", "8", "--per-device-batch-size", "8", "--set", "data.hflip=False",
+                              "--set", "teacher.timestep=0",  # nearly noise-free targets: a fixed regression problem
+                              "--checkpoint-every", "0", "--no-export"))
+    losses = [r["loss/loss"] for r in _metrics(out)]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses  # a frozen student stays at ~1.0
+
+
+def test_resume_continues_exactly(tmp_path, teacher_dir, idx_dir, monkeypatch):
+    common = ["--max-steps", "6", "--checkpoint-every", "3", "--no-export", "--set", "optim.warmup_epochs=0.5"]
+    straight = pretrain.main(_args(tmp_path / "straight", teacher_dir, idx_dir, *common))
+
+    real_save = pretrain.save_checkpoint
+
+    def save_then_die(accelerator, output_dir, step, keep):
+        real_save(accelerator, output_dir, step, keep)
+        raise KeyboardInterrupt("killed after the checkpoint")  # a kill right after step 3's checkpoint
+
+    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(_args(tmp_path / "resumed", teacher_dir, idx_dir, *common))
+    monkeypatch.setattr(pretrain, "save_checkpoint", real_save)
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step_3"]
+    resumed = pretrain.main(_args(tmp_path / "resumed", teacher_dir, idx_dir, *common, "--resume", "latest"))
+
+    a, b = _weights(straight / "checkpoints" / "step_6"), _weights(resumed / "checkpoints" / "step_6")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    lr_straight = [r["lr"] for r in _metrics(straight)]
+    lr_resumed = {r["step"]: r["lr"] for r in _metrics(resumed)}
+    assert [lr_resumed[s] for s in range(1, 7)] == lr_straight
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, teacher_dir, caplog):
+    data = write_image_folder(tmp_path / "images", n=15, corrupt=1)
+    out = pretrain.main(_args(tmp_path / "run", teacher_dir, data, "--max-steps", "1", "--batch-size", "16",
+                              "--per-device-batch-size", "16", "--no-export"))
+    assert _metrics(out)[-1]["data/skipped_images"] == 1
+    assert "broken_0.png" in caplog.text
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, teacher_dir, idx_dir, monkeypatch):
+    real_loss = pretrain.feature_distillation_loss
+    calls = {"n": 0}
+
+    def loss_turning_nan(*args, **kwargs):
+        calls["n"] += 1
+        losses = real_loss(*args, **kwargs)
+        if calls["n"] > 4:  # micro-batches 5+: optimizer step 3 onwards
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(pretrain, "feature_distillation_loss", loss_turning_nan)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3.*step_2"):
+        pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "6", "--checkpoint-every", "2"))
+    good = tmp_path / "run" / "checkpoints" / "step_2"
+    assert all(torch.isfinite(v).all() for v in _weights(good).values())
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, teacher_dir, idx_dir):
+    with pytest.raises(UnknownRecipeError, match="resnet18.dreamteacher_fmnist"):
+        pretrain.main(["--recipe", "resnet18.dreamteacher_nope", "--output-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="unknown recipe field 'teacher.timestamp'"):
+        pretrain.main(_args(tmp_path / "a", teacher_dir, idx_dir, "--set", "teacher.timestamp=10"))
+    three_taps = "teacher.taps=('up_blocks.1.resnets.0','up_blocks.2.resnets.0','up_blocks.3.resnets.0')"
+    with pytest.raises(ValueError, match="teacher/student pyramid mismatch: the teacher has 3 taps"):
+        pretrain.main(_args(tmp_path / "b", teacher_dir, idx_dir, "--set", three_taps))
+    with pytest.raises(ValueError, match="not a multiple of per-device batch 3"):
+        pretrain.main(_args(tmp_path / "c", teacher_dir, idx_dir, "--per-device-batch-size", "3"))
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        pretrain.main(_args(tmp_path / "d", tmp_path / "does-not-exist", idx_dir))
+
+
+def _accelerate(*launch_args: str, cwd: Path, tmp_path: Path, teacher_dir: Path, idx_dir: Path, steps: int = 2):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_HOME": str(tmp_path / "hf")}
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "training/pretrain.py",
+               *_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", str(steps))]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_documented_accelerate_launch_command_runs(tmp_path, teacher_dir, idx_dir):
+    result = _accelerate("--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                         "--dynamo_backend", "no", cwd=REPO, tmp_path=tmp_path, teacher_dir=teacher_dir,
+                         idx_dir=idx_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert timm.create_model(f"local-dir:{tmp_path / 'run' / 'export'}", pretrained=True)
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp(tmp_path, teacher_dir, idx_dir):
+    result = _accelerate("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                         "--dynamo_backend", "no", cwd=REPO, tmp_path=tmp_path, teacher_dir=teacher_dir,
+                         idx_dir=idx_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(4 x 2 processes x 1 accumulation)" in result.stderr
+    rows = _metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert timm.create_model(f"local-dir:{tmp_path / 'run' / 'export'}", pretrained=True)

@@ -1,0 +1,440 @@
+"""Frozen teachers (training/teachers.py): tap strides/channels, encoding, freezing, early stop, loading errors.
+
+Every model here is a tiny random one built from a config dict and saved to tmp_path: no Hub, no GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from dreamteacher_models.recipes import IMAGENET_MEAN, IMAGENET_STD, RECIPES, TeacherConfig
+from training import teachers as T
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
+
+MEAN, STD = (0.2860,) * 3, (0.3530,) * 3  # the fmnist recipe's normalisation
+TINY_UNET = dict(  # 4 attention-free levels at 32 px: decoder levels at strides 8, 4, 2, 1
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(8, 16, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    down_block_types=("DownBlock2D",) * 4,
+    up_block_types=("UpBlock2D",) * 4,
+)
+
+
+def _config(source, **kw) -> TeacherConfig:
+    return TeacherConfig(**{"kind": "unet", "source": str(source), "timestep": 50, **kw})
+
+
+def _images(n=2, size=32, seed=0, mean=MEAN, std=STD):
+    """Images in [0, 1] and the same images in the student's normalisation."""
+    x01 = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    return x01, (x01 - m) / s
+
+
+def _hooked_forward(unet, names, *args, **kwargs) -> dict[str, torch.Tensor]:
+    """A full UNet forward with plain forward hooks on `names`: the reference the teacher must match."""
+    modules = dict(unet.named_modules())
+    out = {}
+    handles = [
+        modules[n].register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, T._first_tensor(o))) for n in names
+    ]
+    try:
+        with torch.no_grad():
+            unet(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads; on a loaded 2-core host 2 threads made a forward 2 s instead of 10 ms."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def unet_dir(tmp_path_factory):
+    """A diffusers pipeline-layout folder: unet/ + scheduler/ (500 steps, to prove the config is read)."""
+    d = tmp_path_factory.mktemp("ddpm")
+    torch.manual_seed(0)
+    UNet2DModel(**TINY_UNET).save_pretrained(d / "unet")
+    DDPMScheduler(num_train_timesteps=500, beta_schedule="linear").save_pretrained(d / "scheduler")
+    return d
+
+
+@pytest.fixture(scope="module")
+def teacher(unet_dir):
+    return T.build_teacher(_config(unet_dir), MEAN, STD)
+
+
+# ------------------------------------------------------------------------------------------------ tap layout
+
+
+def test_default_taps_are_decoder_levels_before_their_upsamplers(teacher):
+    assert [t.stride for t in teacher.taps] == [1, 2, 4, 8]  # finest first
+    assert [t.channels for t in teacher.taps] == [8, 16, 16, 16]
+    assert [t.name for t in teacher.taps] == [f"up_blocks.{i}.resnets.1" for i in (3, 2, 1, 0)]
+    assert teacher.scheduler.config.num_train_timesteps == 500  # scheduler/ config was read
+
+    # A hook on up_blocks[i] itself sees the output AFTER the upsampler: one level too fine. Not what we return.
+    x01, images = _images()
+    after = _hooked_forward(
+        teacher.unet, [f"up_blocks.{i}" for i in range(4)], torch.randn(2, 3, 32, 32), torch.tensor([50])
+    )
+    feats = teacher(images)
+    for i in range(3):
+        tap = next(t for t in teacher.taps if t.name == f"up_blocks.{i}.resnets.1")
+        block_stride = 32 // after[f"up_blocks.{i}"].shape[-1]
+        assert block_stride == tap.stride // 2 != tap.stride
+        assert feats[tap.stride].shape == (2, tap.channels, 32 // tap.stride, 32 // tap.stride)
+
+
+def test_taps_known_before_forward_and_match_outputs(unet_dir):
+    t = T.build_teacher(_config(unet_dir), MEAN, STD)
+    layout = [(tap.stride, tap.channels) for tap in t.taps]  # before any forward
+    assert t.strides == (1, 2, 4, 8) and t.channels == (8, 16, 16, 16)
+    feats = t(torch.zeros(1, 3, 64, 64))  # another size: strides hold, shapes follow
+    assert [(s, f.shape[1]) for s, f in feats.items()] == layout
+    assert [tuple(f.shape[-2:]) for f in feats.values()] == [(64 // s, 64 // s) for s, _ in layout]
+    assert all(f.dtype == torch.float32 for f in feats.values())
+
+
+def test_named_taps_post_upsample_mid_block_and_ordering(unet_dir):
+    taps = ("mid_block", "up_blocks.0.upsamplers.0", "up_blocks.2.resnets.0")  # given coarse first
+    t = T.build_teacher(_config(unet_dir, taps=taps), MEAN, STD)
+    assert [(x.name, x.stride, x.channels) for x in t.taps] == [
+        ("up_blocks.2.resnets.0", 2, 16),
+        ("up_blocks.0.upsamplers.0", 4, 16),  # after the upsampler: half the default level-0 stride (8)
+        ("mid_block", 8, 16),
+    ]
+    assert list(t(_images()[1])) == [2, 4, 8]
+    # "output_blocks.K" is ADM's decoder numbering: 2 blocks per level here, so block 3 = level 1's last.
+    t2 = T.build_teacher(_config(unet_dir, taps=("output_blocks.3", "output_blocks.7")), MEAN, STD)
+    assert [x.name for x in t2.taps] == ["up_blocks.3.resnets.1", "up_blocks.1.resnets.1"]
+
+
+def test_bad_taps_raise_clear_errors(unet_dir):
+    with pytest.raises(ValueError, match=r"unknown teacher tap 'up_blocks\.9\.resnets\.0'.*up_blocks\.0\.resnets\.1"):
+        T.build_teacher(_config(unet_dir, taps=("up_blocks.9.resnets.0",)), MEAN, STD)
+    with pytest.raises(ValueError, match="distinct strides"):
+        T.build_teacher(_config(unet_dir, taps=("up_blocks.1.resnets.0", "up_blocks.1.resnets.1")), MEAN, STD)
+    with pytest.raises(ValueError, match="not a .B, C, H, W. map"):
+        T.build_teacher(_config(unet_dir, taps=("time_embedding",)), MEAN, STD)
+    with pytest.raises(ValueError, match=r"timestep 500 is outside"):
+        T.build_teacher(_config(unet_dir, timestep=500), MEAN, STD)
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+
+
+def test_fresh_noise_every_call_and_seeded_generator_reproduces(teacher):
+    _, images = _images()
+    a, b = teacher(images), teacher(images)
+    assert all(not torch.allclose(a[s], b[s]) for s in a)
+    c = teacher(images, torch.Generator().manual_seed(7))
+    d = teacher(images, torch.Generator().manual_seed(7))
+    assert all(torch.equal(c[s], d[s]) for s in c)
+
+
+def test_student_normalisation_equals_minus_one_one_input(teacher):
+    """Images in the recipe's mean/std give the same features as [-1, 1] images noised and fed to the UNet."""
+    x01, images = _images()
+    feats = teacher(images, torch.Generator().manual_seed(3))
+    x0 = 2 * x01 - 1
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    t = torch.full((2,), 50)
+    ref = _hooked_forward(teacher.unet, [x.name for x in teacher.taps], teacher.scheduler.add_noise(x0, eps, t), t)
+    for tap in teacher.taps:
+        torch.testing.assert_close(feats[tap.stride], ref[tap.name], rtol=1e-5, atol=1e-5)
+
+
+def test_one_channel_unet_sees_rgb_average():
+    torch.manual_seed(0)
+    unet = UNet2DModel(**{**TINY_UNET, "in_channels": 1, "out_channels": 1})
+    t = T.FrozenTeacher(unet, DDPMScheduler(), 50, IMAGENET_MEAN, IMAGENET_STD)
+    x01, images = _images(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    feats = t(images, torch.Generator().manual_seed(0))
+    x0 = (2 * x01 - 1).mean(1, keepdim=True)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    tt = torch.full((2,), 50)
+    ref = _hooked_forward(unet, [x.name for x in t.taps], t.scheduler.add_noise(x0, eps, tt), tt)
+    for tap in t.taps:
+        torch.testing.assert_close(feats[tap.stride], ref[tap.name], rtol=1e-5, atol=1e-5)
+
+
+def test_early_stop_equals_full_pass_and_skips_the_tail(teacher):
+    _, images = _images()
+    calls = []
+    h = teacher.unet.conv_out.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        early = teacher(images, torch.Generator().manual_seed(1))
+        assert calls == []  # the output conv never ran
+        teacher.early_stop = False
+        full = teacher(images, torch.Generator().manual_seed(1))
+        assert calls == [1]
+    finally:
+        teacher.early_stop = True
+        h.remove()
+    assert early.keys() == full.keys()
+    assert all(torch.equal(early[s], full[s]) for s in early)
+
+
+def test_ddim_encoding_is_deterministic_and_exact_for_an_oracle(unet_dir, monkeypatch):
+    t = T.build_teacher(_config(unet_dir, encoding="ddim"), MEAN, STD, ddim_steps=3)
+    _, images = _images()
+    a = t(images, torch.Generator().manual_seed(0))
+    b = t(images, torch.Generator().manual_seed(1))  # the generator plays no part
+    assert all(torch.equal(a[s], b[s]) for s in a)
+    # With a model that predicts the true eps, DDIM inversion lands exactly on add_noise(x0, eps, t).
+    x0 = torch.randn(2, 3, 32, 32)
+    eps = torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(t, "_epsilon", lambda x, step: eps)
+    torch.testing.assert_close(t.ddim_invert(x0), t.scheduler.add_noise(x0, eps, torch.tensor([50])))
+
+
+def test_resolution_resizes_input_and_features_follow_the_input_grid(unet_dir):
+    t = T.build_teacher(_config(unet_dir, resolution=64), MEAN, STD)
+    assert t.run_size((32, 32)) == (64, 64)
+    feats = t(_images()[1])
+    assert {s: tuple(f.shape) for s, f in feats.items()} == {1: (2, 8, 32, 32), 2: (2, 16, 16, 16),
+                                                             4: (2, 16, 8, 8), 8: (2, 16, 4, 4)}
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        T.build_teacher(_config(unet_dir), MEAN, STD)(torch.zeros(1, 3, 36, 36))
+
+
+def test_bf16_autocast_and_channels_last_stay_close_to_fp32(unet_dir):
+    _, images = _images()
+    ref = T.build_teacher(_config(unet_dir), MEAN, STD)(images, torch.Generator().manual_seed(0))
+    cl = T.build_teacher(_config(unet_dir), MEAN, STD, channels_last=True)(images, torch.Generator().manual_seed(0))
+    bf = T.build_teacher(_config(unet_dir), MEAN, STD, dtype=torch.bfloat16)(images, torch.Generator().manual_seed(0))
+    for s in ref:
+        torch.testing.assert_close(cl[s], ref[s], rtol=1e-4, atol=1e-4)
+        assert bf[s].dtype == torch.float32
+        assert (bf[s] - ref[s]).norm() / ref[s].norm() < 0.05
+
+
+# ------------------------------------------------------------------------------------------------ frozen
+
+
+def test_frozen_no_grad_and_not_a_student_parameter(teacher):
+    assert all(not p.requires_grad for p in teacher.parameters())
+    student = nn.Conv2d(3, 8, 1)
+    student.teacher = teacher  # a plain object: never registered as a submodule
+    assert [n for n, _ in student.named_parameters()] == ["weight", "bias"]
+
+    teacher.unet.train()  # someone flips it: the teacher still runs in eval mode
+    _, images = _images()
+    images.requires_grad_(True)
+    feats = teacher(images)
+    assert not teacher.unet.training
+    assert all(not f.requires_grad and f.grad_fn is None for f in feats.values())
+    loss = ((student(images) - feats[1]) ** 2).mean()
+    loss.backward()
+    assert images.grad is not None and student.weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ loading errors
+
+
+def test_missing_sources_say_how_to_get_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the fmnist recipe's relative folder does not exist here
+    fmnist = RECIPES["resnet18.dreamteacher_fmnist"].teacher
+    with pytest.raises(FileNotFoundError, match=r"teachers/ddpm-fashion-mnist-32.*train_teacher\.py"):
+        T.build_teacher(fmnist, MEAN, STD)  # a valid Hub id too: HF_HUB_OFFLINE makes it a cache miss
+    with pytest.raises(FileNotFoundError, match=r"/no/such/dir/x.*not a valid Hugging Face Hub repo id"):
+        T.build_teacher(fmnist, MEAN, STD, source="/no/such/dir/x")
+    with pytest.raises(FileNotFoundError, match=r"256x256_diffusion_uncond\.pt.*python -m training\.adm"):
+        T.build_teacher(RECIPES["resnet50.dreamteacher_in1k"].teacher, IMAGENET_MEAN, IMAGENET_STD)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no unet/config\.json or config\.json"):
+        T.build_teacher(fmnist, MEAN, STD, source=str(tmp_path / "empty"))
+
+
+def test_root_layout_and_default_scheduler(tmp_path):
+    """A UNet saved at the folder root (like google/ddpm-cifar10-32) without a scheduler: linear 1000 steps."""
+    UNet2DModel(**TINY_UNET).save_pretrained(tmp_path)
+    t = T.build_teacher(_config(tmp_path), MEAN, STD)
+    assert t.strides == (1, 2, 4, 8)
+    assert t.scheduler.config.num_train_timesteps == 1000 and t.scheduler.config.beta_schedule == "linear"
+
+
+def test_describe_taps_and_cli(teacher, unet_dir, capsys):
+    table = T.describe_taps(teacher, 32)
+    assert "| up_blocks.0.resnets.1 | output_blocks.1 | 8 | 16 | (B, 16, 4, 4) |" in table
+    assert T.main(["--kind", "unet", "--source", str(unet_dir), "--image-size", "32", "--taps", "mid_block"]) == 0
+    out = capsys.readouterr().out
+    assert "| mid_block | - | 8 | 16 | (B, 16, 4, 4) |" in out
+    assert T.main(["--kind", "unet", "--source", "/no/such/dir/x"]) == 2
+    assert "train_teacher.py" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ ADM
+
+
+def test_adm256_default_taps_are_the_papers_output_blocks():
+    """For the paper's 256x256 ADM (built on the meta device: no weights), default taps = output_blocks 2,5,8,11."""
+    adm = pytest.importorskip("training.adm")
+    with torch.device("meta"):
+        unet = UNet2DModel(**adm.diffusers_config("256x256_diffusion_uncond"))
+    mapping = T.adm_output_block_names("256x256_diffusion_uncond")
+    assert T.output_block_names(unet) == mapping  # structure-derived numbering agrees with adm.py's
+    paper = T.resolve_tap_names(unet, [f"output_blocks.{k}" for k in (2, 5, 8, 11)], mapping)
+    assert paper == T.default_tap_names(unet)
+    taps, last = T.probe_taps(unet, paper)
+    assert [(t.stride, t.channels) for t in taps] == [(4, 512), (8, 512), (16, 1024), (32, 1024)]
+    assert last == "up_blocks.3.resnets.2"
+
+
+@pytest.fixture(scope="module")
+def tiny_adm(tmp_path_factory):
+    """A random guided-diffusion UNetModel (OpenAI's code), its .pt, and its training/adm.py conversion folder."""
+    adm = pytest.importorskip("training.adm")
+    script_util = pytest.importorskip("guided_diffusion.script_util")
+    flags = adm.ADMFlags(
+        image_size=32, num_channels=32, num_res_blocks=1, channel_mult=(1, 1, 2, 2), attention_resolutions="4",
+        num_head_channels=16, learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True,
+    )  # attention only at the 4x4 level: cheap
+    torch.manual_seed(0)
+    model = script_util.create_model(**flags.as_guided_diffusion_kwargs()).eval()
+    d = tmp_path_factory.mktemp("adm")
+    torch.save(model.state_dict(), d / "tiny_adm.pt")
+    adm.convert_to_folder(model.state_dict(), flags, d / "converted")
+    return adm, flags, model, d
+
+
+def test_adm_teacher_matches_guided_diffusion_decoder_blocks(tiny_adm, monkeypatch):
+    adm, flags, model, d = tiny_adm
+    t = T.build_teacher(TeacherConfig(kind="adm", source=str(d / "converted"), timestep=150), MEAN, STD)
+    assert [(x.name, x.stride, x.channels) for x in t.taps] == [
+        ("up_blocks.3.resnets.1", 1, 32),
+        ("up_blocks.2.resnets.1", 2, 32),
+        ("up_blocks.1.resnets.1", 4, 64),
+        ("up_blocks.0.attentions.1", 8, 64),  # the level with attention is read after its attention layer
+    ]
+    # ADM's own activations: output_blocks[K] (last block of each level), read before its trailing upsample layer.
+    blocks = {1: model.output_blocks[1][-2], 3: model.output_blocks[3][-2], 5: model.output_blocks[5][-2],
+              7: model.output_blocks[7]}
+    by_alias = T.build_teacher(
+        TeacherConfig(kind="adm", source=str(d / "converted"), timestep=150,
+                      taps=tuple(f"output_blocks.{k}" for k in blocks)), MEAN, STD,
+    )
+    assert by_alias.taps == t.taps  # ADM's numbering, through the folder's adm_flags.json
+    x01, images = _images()
+    feats = t(images, torch.Generator().manual_seed(5))
+    x0 = 2 * x01 - 1
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    steps = torch.full((2,), 150)
+    ref = {}
+    hs = [m.register_forward_hook(lambda m, i, o, k=k: ref.__setitem__(k, o)) for k, m in blocks.items()]
+    with torch.no_grad():
+        model(t.scheduler.add_noise(x0, eps, steps), steps)
+    for h in hs:
+        h.remove()
+    for k, stride in zip((7, 5, 3, 1), (1, 2, 4, 8), strict=True):
+        torch.testing.assert_close(feats[stride], ref[k], rtol=1e-4, atol=1e-4)
+
+    # The .pt itself, converted on the fly with a preset, gives the same teacher.
+    monkeypatch.setitem(adm.PRESETS, "tiny_test", flags)
+    cfg = TeacherConfig(kind="adm", source=str(d / "tiny_adm.pt"), timestep=150, adm_preset="tiny_test")
+    t_pt = T.build_teacher(cfg, MEAN, STD)
+    assert t_pt.taps == t.taps
+    again = t_pt(images, torch.Generator().manual_seed(5))
+    assert all(torch.equal(again[s], feats[s]) for s in feats)
+    with pytest.raises(ValueError, match="adm_preset"):
+        T.build_teacher(dataclasses.replace(cfg, adm_preset=None), MEAN, STD)
+
+
+# ------------------------------------------------------------------------------------------------ latent
+
+
+@pytest.fixture(scope="module")
+def latent_dir(tmp_path_factory):
+    """A tiny SD-style folder: unet/ (cross-attention), vae/ (factor 8), scheduler/, stored empty-prompt embedding."""
+    d = tmp_path_factory.mktemp("sd")
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, attention_head_dim=2,
+    ).save_pretrained(d / "unet")
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    ).save_pretrained(d / "vae")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(d / "scheduler")
+    T.save_empty_prompt_embedding(d, torch.randn(1, 7, 8))
+    return d
+
+
+def test_latent_teacher_strides_are_image_relative_and_match_manual_pipeline(latent_dir):
+    cfg = TeacherConfig(kind="latent", source=str(latent_dir), timestep=150)
+    t = T.build_teacher(cfg, IMAGENET_MEAN, IMAGENET_STD)
+    # latent strides 1 and 2, times the VAE's 8
+    assert [(x.name, x.stride, x.channels) for x in t.taps] == [
+        ("up_blocks.1.attentions.1", 8, 8),
+        ("up_blocks.0.resnets.1", 16, 16),
+    ]
+    x01, images = _images(size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    feats = t(images, torch.Generator().manual_seed(2))
+    assert {s: tuple(f.shape) for s, f in feats.items()} == {8: (2, 8, 4, 4), 16: (2, 16, 2, 2)}
+
+    # by hand: VAE posterior mean x scaling_factor, noise in latent space, UNet on the stored empty prompt
+    with torch.no_grad():
+        z = t.vae.encode(2 * x01 - 1).latent_dist.mean * t.vae.config.scaling_factor
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(2))
+    steps = torch.full((2,), 150)
+    from safetensors.torch import load_file
+
+    emb = load_file(str(latent_dir / T.EMPTY_PROMPT_FILE))[T.EMPTY_PROMPT_KEY].expand(2, -1, -1)
+    ref = _hooked_forward(
+        t.unet, [x.name for x in t.taps], t.scheduler.add_noise(z, eps, steps), steps, encoder_hidden_states=emb
+    )
+    for tap in t.taps:
+        torch.testing.assert_close(feats[tap.stride], ref[tap.name], rtol=1e-5, atol=1e-5)
+    # the wrong kind for this folder is named
+    with pytest.raises(FileNotFoundError, match="holds a UNet2DConditionModel"):
+        T.build_teacher(dataclasses.replace(cfg, kind="unet"), MEAN, STD)
+
+
+def test_empty_prompt_embedding_helpers(tmp_path, latent_dir):
+    class Tok:
+        model_max_length = 5
+
+        def __call__(self, texts, **kw):
+            assert texts == [""] and kw["padding"] == "max_length" and kw["max_length"] == 5
+            return type("Enc", (), {"input_ids": torch.zeros(1, 5, dtype=torch.long)})()
+
+    class TextEncoder(nn.Module):  # returns (last_hidden_state,) like transformers' CLIPTextModel
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(3, 8)
+
+        def forward(self, ids):
+            return (self.embed(ids),)
+
+    emb = T.compute_empty_prompt_embedding(Tok(), TextEncoder())
+    assert emb.shape == (1, 5, 8) and not emb.requires_grad
+    path = T.save_empty_prompt_embedding(tmp_path, emb)
+    torch.testing.assert_close(T.load_empty_prompt_embedding(str(tmp_path)), emb)
+    assert path.name == T.EMPTY_PROMPT_FILE
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:  # without transformers and without a stored file: a clear error with the fix
+        with pytest.raises(FileNotFoundError, match="--store-empty-prompt-embedding"):
+            T.load_empty_prompt_embedding(str(tmp_path / "nothing"))

@@ -1,0 +1,349 @@
+"""DreamTeacher feature distillation: a frozen diffusion teacher's multi-scale features regressed by a timm student.
+
+    accelerate launch training/pretrain.py                                   # the default: Fashion-MNIST, in minutes
+    accelerate launch training/pretrain.py --recipe resnet50.dreamteacher_in1k --data-dir /data/imagenet/train \\
+        --teacher teachers/adm-256-uncond --output-dir runs/r50
+    accelerate launch training/pretrain.py --resume latest --output-dir runs/r50  # continue a killed run exactly
+
+Everything not given on the command line comes from the recipe (dreamteacher_models/recipes.py); any recipe field
+can be overridden with `--set field=value` (e.g. `--set teacher.timestep=250 --set loss.at_weight=5`). The resolved
+recipe is written to <output-dir>/recipe.json. Checkpoints are `accelerator.save_state` folders written to a
+temporary name and renamed to checkpoints/step_N when complete, so a kill at any moment leaves the last one usable.
+At the end the student is exported with hub/export.py into <output-dir>/export, loadable with
+`timm.create_model("local-dir:<output-dir>/export", pretrained=True)`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch training/pretrain.py` puts training/, not the repo, on sys.path
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from timm.optim import create_optimizer_v2
+from tqdm.auto import tqdm
+
+from dreamteacher_models.recipes import (
+    DEFAULT_RECIPE,
+    Recipe,
+    apply_overrides,
+    get_recipe,
+    recipe_fields,
+    recipe_from_dict,
+)
+from hub.export import CHECKPOINTS_DIR, RESOLVED_RECIPE_FILENAME, export_for_hub, latest_checkpoint
+from training.data import (
+    ImageDataset,
+    StreamingImageDataset,
+    build_dataloader,
+    build_transform,
+    load_image_dataset,
+    split_streaming,
+)
+from training.distiller import build_distiller
+from training.losses import feature_distillation_loss
+from training.schedule import TrainState, cosine_with_warmup
+from training.teachers import build_teacher, describe_taps
+
+logger = logging.getLogger("dreamteacher.pretrain")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"checkpoint recipe to train (default: {DEFAULT_RECIPE})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a recipe field, repeatable; fields: " + ", ".join(recipe_fields()))
+    p.add_argument("--output-dir", help="run folder (default: runs/<recipe>)")
+    data = p.add_argument_group("data")
+    data.add_argument("--data-dir", help="a folder of images (imagefolder) or of Fashion-MNIST IDX files")
+    data.add_argument("--dataset", help="a Hub dataset id (default: the recipe's, when no local copy is found)")
+    data.add_argument("--streaming", action="store_true", help="stream the Hub dataset instead of downloading it")
+    data.add_argument("--limit-images", type=int, help="train on the first N images only (quick runs, tests)")
+    data.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
+    teacher = p.add_argument_group("teacher")
+    teacher.add_argument("--teacher", help="teacher folder / Hub id / ADM .pt (default: the recipe's teacher.source)")
+    teacher.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"],
+                         help="teacher autocast dtype (default: bf16/fp16 when --mixed_precision says so, else fp32)")
+    teacher.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU speed-up)")
+    run = p.add_argument_group("schedule (defaults from the recipe)")
+    run.add_argument("--epochs", type=float, help="training length in epochs")
+    run.add_argument("--max-steps", type=int, help="training length in optimizer steps (overrides --epochs)")
+    run.add_argument("--batch-size", type=int, help="global batch size (the recipe's optim.batch_size)")
+    run.add_argument("--per-device-batch-size", type=int,
+                     help="micro-batch per process; gradients accumulate to reach the global batch (default: "
+                          "global batch / processes, capped at 128)")
+    run.add_argument("--lr", type=float, help="peak learning rate (the recipe's optim.lr)")
+    run.add_argument("--seed", type=int, default=0)
+    ckpt = p.add_argument_group("checkpoints and logging")
+    ckpt.add_argument("--checkpoint-every", type=int, default=500, help="save a checkpoint every N steps (0: end only)")
+    ckpt.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    ckpt.add_argument("--resume", help="'latest' (newest checkpoint in --output-dir, or a fresh start) or a path")
+    ckpt.add_argument("--log-every", type=int, default=10, help="log scalars to TensorBoard every N steps")
+    ckpt.add_argument("--feature-images", type=int, default=4,
+                      help="with each checkpoint save a PNG of teacher vs student features for N fixed images (0: off)")
+    ckpt.add_argument("--no-export", action="store_true", help="skip exporting the student at the end")
+    return p.parse_args(argv)
+
+
+def resolve_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe plus command-line overrides: what this run trains and what recipe.json records."""
+    recipe = get_recipe(args.recipe)
+    overrides = list(args.overrides)
+    for flag, field in (("teacher", "teacher.source"), ("batch_size", "optim.batch_size"), ("lr", "optim.lr"),
+                        ("epochs", "optim.epochs")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{field}={getattr(args, flag)!r}")
+    return apply_overrides(recipe, overrides)
+
+
+def build_data(args, recipe: Recipe, accelerator: Accelerator):
+    """(dataset, images per epoch or None) with the recipe's training transform; bad images are skipped, counted."""
+    transform = build_transform(recipe.data, train=True)
+    source = args.data_dir or args.dataset
+    hf = load_image_dataset(source, split="train", recipe_data=recipe.data, streaming=args.streaming)
+    if args.streaming:
+        hf = split_streaming(hf, seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        if args.limit_images:
+            hf = hf.take(args.limit_images)
+        return StreamingImageDataset(hf, transform), args.limit_images or recipe.data.num_images
+    if args.limit_images:
+        hf = hf.select(range(min(args.limit_images, len(hf))))
+    return ImageDataset(hf, transform), len(hf)
+
+
+def plan_batches(args, recipe: Recipe, num_processes: int) -> tuple[int, int]:
+    """(per-device micro-batch, gradient accumulation steps) that reach the recipe's global batch exactly."""
+    global_batch = recipe.optim.batch_size
+    micro = args.per_device_batch_size or max(1, min(global_batch // num_processes, 128))
+    accumulation, rest = divmod(global_batch, micro * num_processes)
+    if rest or accumulation < 1:
+        raise ValueError(
+            f"global batch {global_batch} is not a multiple of per-device batch {micro} x {num_processes} processes; "
+            f"choose --per-device-batch-size dividing {global_batch // num_processes}"
+        )
+    return micro, accumulation
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> Path:
+    """save_state into a temporary folder, then rename it to checkpoints/step_N: never a half-written step_N."""
+    final = output_dir / CHECKPOINTS_DIR / f"step_{step}"
+    staging = output_dir / CHECKPOINTS_DIR / f".tmp_step_{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        steps = sorted((p for p in final.parent.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+        for old in steps[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
+    if not resume:
+        return None
+    if resume == "latest":
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (expected {path}/model.safetensors)")
+    return path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    recipe = resolve_recipe(args)
+    output_dir = Path(args.output_dir or f"runs/{recipe.name}")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+    # -- accelerator: devices, processes, precision, trackers
+    probe = Accelerator()  # just to learn the process count before fixing gradient accumulation
+    micro_batch, accumulation = plan_batches(args, recipe, probe.num_processes)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=accumulation,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False if args.streaming else None),
+    )
+    set_seed(args.seed, device_specific=True)
+    resume_from = find_resume_checkpoint(args.resume, output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        saved = output_dir / RESOLVED_RECIPE_FILENAME
+        if resume_from is not None and saved.is_file() and recipe_from_dict(json.loads(saved.read_text())) != recipe:
+            raise ValueError(f"--resume: {saved} differs from this run's recipe; resume with the same recipe/overrides")
+        saved.write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+
+    # -- the frozen teacher (never prepared) and the trainable student + regressor
+    teacher_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        args.teacher_dtype or accelerator.mixed_precision)
+    teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, device=accelerator.device,
+                            dtype=teacher_dtype, channels_last=args.channels_last)
+    if accelerator.is_main_process:
+        logger.info("teacher taps:\n%s", describe_taps(teacher, recipe.data.input_size[1:]))
+    model = build_distiller(recipe, teacher.channels, teacher.strides)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model, opt=recipe.optim.optimizer, lr=recipe.optim.lr,
+                                    weight_decay=recipe.optim.weight_decay, betas=recipe.optim.betas)
+
+    # -- data and schedule length
+    dataset, num_images = build_data(args, recipe, accelerator)
+    loader = build_dataloader(dataset, micro_batch, shuffle=True, seed=args.seed, num_workers=args.num_workers)
+    steps_per_epoch = num_images // recipe.optim.batch_size if num_images else None
+    if args.max_steps:
+        total_steps = args.max_steps
+    elif steps_per_epoch:
+        total_steps = max(1, round(recipe.optim.epochs * steps_per_epoch))
+    else:
+        raise ValueError("the dataset size is unknown (streaming): pass --max-steps or --limit-images")
+    warmup_steps = round(total_steps * recipe.optim.warmup_epochs / recipe.optim.epochs) if recipe.optim.epochs else 0
+    min_lr_ratio = recipe.optim.min_lr / recipe.optim.lr
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, total_steps, warmup_steps, min_lr_ratio))
+
+    # The scheduler is stepped by hand once per optimizer step (Accelerate would step a prepared one per process).
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    state = TrainState()
+    accelerator.register_for_checkpointing(lr_scheduler, state)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch,
+                    state.batch_in_epoch)
+    accelerator.init_trackers("pretrain", config={"recipe": recipe.name, "total_steps": total_steps,
+                                                  "micro_batch": micro_batch, "accumulation": accumulation,
+                                                  "processes": accelerator.num_processes})
+    if accelerator.is_main_process:
+        logger.info("%s: %d steps of %d images (%d x %d processes x %d accumulation), %s images/epoch, warm-up %d",
+                    recipe.name, total_steps, recipe.optim.batch_size, micro_batch, accelerator.num_processes,
+                    accumulation, num_images, warmup_steps)
+
+    # -- the loop: one optimizer step per `accumulation` micro-batches
+    fixed_images = None
+    progress = tqdm(total=total_steps, initial=state.step, desc="distill",
+                    disable=not accelerator.is_local_main_process)
+    window = {"images": 0, "teacher_s": 0.0, "student_s": 0.0, "start": time.perf_counter()}
+    noise = torch.Generator(device=accelerator.device)
+    while state.step < total_steps:
+        loader.set_epoch(state.epoch)
+        batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        for batch in batches:
+            state.batch_in_epoch += 1
+            state.skipped += int(batch["num_skipped"])
+            images = batch["pixel_values"]
+            if images.shape[0] == 0:
+                logger.warning("a whole micro-batch of unreadable images was skipped")
+                continue
+            if fixed_images is None:
+                fixed_images = images[: args.feature_images].clone()
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+
+            # fresh noise every call, reproducible from (seed, rank, micro-step) so a resumed run draws the same
+            noise.manual_seed(args.seed * 1_000_003 + state.micro_step * accelerator.num_processes
+                              + accelerator.process_index)
+            state.micro_step += 1
+            t0 = time.perf_counter()
+            targets = teacher(images, generator=noise)
+            t1 = time.perf_counter()
+            target_list = [targets[s] for s in teacher.strides]
+            with accelerator.accumulate(model):
+                predictions = model(images, [tuple(t.shape[-2:]) for t in target_list])
+                losses = feature_distillation_loss(predictions, target_list, at_weight=recipe.loss.at_weight,
+                                                   mse_weight=recipe.loss.mse_weight, norm_axes=recipe.loss.norm_axes)
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients and recipe.optim.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window["teacher_s"] += t1 - t0
+            window["student_s"] += time.perf_counter() - t1
+            window["images"] += images.shape[0] * accelerator.num_processes
+
+            if not accelerator.sync_gradients:
+                continue
+            lr_scheduler.step()
+            state.step += 1
+            logged = {k: v.detach() for k, v in losses.items() if "/" not in k}
+            gathered = {k: accelerator.gather(v).mean().item() for k, v in logged.items()}
+            if not all(math.isfinite(v) for v in gathered.values()):
+                last = latest_checkpoint(output_dir)
+                raise FloatingPointError(
+                    f"non-finite loss at step {state.step}: {gathered}; stopped without saving. Last good checkpoint: "
+                    f"{last or 'none'}. Lower the learning rate (--lr) or run in fp32 (--mixed_precision no), then "
+                    f"--resume {last or 'latest'}"
+                )
+            elapsed = time.perf_counter() - window["start"]
+            images_per_s = window["images"] / max(elapsed, 1e-9)
+            progress.update(1)
+            progress.set_postfix(loss=f"{gathered['loss']:.4f}", img_s=f"{images_per_s:.0f}")
+            if state.step % args.log_every == 0 or state.step == total_steps:
+                scalars = {**{f"loss/{k}": v for k, v in gathered.items()},
+                           "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_s,
+                           "time/teacher_s": window["teacher_s"], "time/student_s": window["student_s"],
+                           "data/skipped_images": state.skipped}
+                accelerator.log(scalars, step=state.step)
+                if accelerator.is_main_process:  # the same scalars as JSON lines, readable without TensorBoard
+                    with open(output_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps({"step": state.step, **scalars}) + "\n")
+                window = {"images": 0, "teacher_s": 0.0, "student_s": 0.0, "start": time.perf_counter()}
+            if args.checkpoint_every and state.step % args.checkpoint_every == 0 and state.step < total_steps:
+                checkpoint = save_checkpoint(accelerator, output_dir, state.step, args.keep_checkpoints)
+                save_feature_picture(accelerator, teacher, model, fixed_images, checkpoint, args.seed)
+            if state.step >= total_steps:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    progress.close()
+
+    checkpoint = save_checkpoint(accelerator, output_dir, state.step, args.keep_checkpoints)
+    save_feature_picture(accelerator, teacher, model, fixed_images, checkpoint, args.seed)
+    if state.skipped and accelerator.is_main_process:
+        logger.warning("%d unreadable images were skipped on the main process (see warnings above)", state.skipped)
+    if not args.no_export and accelerator.is_main_process:
+        student = accelerator.unwrap_model(model).student
+        export = export_for_hub(student.state_dict(), output_dir / "export", recipe=recipe)
+        logger.info("exported the student to %s: timm.create_model('local-dir:%s', pretrained=True)", export, export)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the trackers and the process group: last
+    return output_dir
+
+
+def save_feature_picture(accelerator, teacher, model, images, checkpoint: Path, seed: int) -> None:
+    """teacher vs regressed-student features (PCA to RGB) for a few fixed images, beside the checkpoint."""
+    if images is None or not len(images) or not accelerator.is_main_process:
+        return
+    from training.visualize import save_feature_comparison
+
+    generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+    targets = teacher(images, generator=generator)
+    distiller = accelerator.unwrap_model(model)
+    was_training = distiller.training
+    distiller.eval()
+    with torch.no_grad():
+        target_list = [targets[s] for s in teacher.strides]
+        predictions = distiller(images, [tuple(t.shape[-2:]) for t in target_list])
+    distiller.train(was_training)
+    save_feature_comparison(images, target_list, predictions, teacher.strides, checkpoint / "features.png",
+                            mean=teacher.mean, std=teacher.std)
+
+
+if __name__ == "__main__":
+    main()
