@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 if __package__ in (None, ""):  # `python benchmarks/teacher_throughput.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import machine_facts, matmul_gflops  # noqa: E402
 from training.teachers import FrozenTeacher, build_teacher  # noqa: E402
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -46,23 +46,6 @@ VARIANTS = {  # name: FrozenTeacher options
     "bf16 channels_last, early stop": dict(dtype=torch.bfloat16, channels_last=True),
 }
 BASELINE, REFERENCE = "fp32 full pass", "fp32 early stop"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def matmul_gflops(n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t0 = time.perf_counter()
-    a @ b
-    return 2 * n**3 / (time.perf_counter() - t0) / 1e9
 
 
 def make_teachers(source: str | None, timestep: int) -> dict[str, FrozenTeacher]:
@@ -133,8 +116,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU: {cpu_model()}, "
-          f"python {platform.python_version()}")
+    print(machine_facts())
     print(f"teacher: {args.source or 'random UNet2DModel ' + str(SMALL_UNET['block_out_channels'])}, "
           f"layers_per_block {SMALL_UNET['layers_per_block']}, t={args.timestep}, batch {args.batch}")
     teachers = make_teachers(args.source, args.timestep)

@@ -154,8 +154,8 @@ RECIPES: dict[str, Recipe] = {
                 num_images=60_000,
             ),
             optim=OptimConfig(
-                optimizer="adamw", lr=4e-3, weight_decay=0.05, betas=(0.9, 0.95), batch_size=256, epochs=2,
-                warmup_epochs=0.2,
+                optimizer="adamw", lr=4e-3, weight_decay=0.05, betas=(0.9, 0.95), batch_size=256, epochs=1,
+                warmup_epochs=0.1,
             ),
             license="mit",
             notes="In-domain recipe small enough for a laptop CPU; the trainer's default.",

@@ -57,6 +57,7 @@ from training.schedule import TrainState, cosine_with_warmup
 from training.teachers import build_teacher, describe_taps
 
 logger = logging.getLogger("dreamteacher.pretrain")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,6 +121,16 @@ def build_data(args, recipe: Recipe, accelerator: Accelerator):
     if args.limit_images:
         hf = hf.select(range(min(args.limit_images, len(hf))))
     return ImageDataset(hf, transform), len(hf)
+
+
+def teacher_source(recipe: Recipe) -> str:
+    """The recipe's teacher source; a relative folder missing from the working directory is looked up in the repo
+    (the committed in-domain teachers live there), so the default runs from any directory."""
+    source = Path(recipe.teacher.source)
+    in_repo = REPO_ROOT / source
+    if not source.is_absolute() and not source.exists() and in_repo.exists():
+        return str(in_repo)
+    return recipe.teacher.source
 
 
 def plan_batches(args, recipe: Recipe, num_processes: int) -> tuple[int, int]:
@@ -193,8 +204,8 @@ def main(argv: list[str] | None = None) -> Path:
     # -- the frozen teacher (never prepared) and the trainable student + regressor
     teacher_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         args.teacher_dtype or accelerator.mixed_precision)
-    teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, device=accelerator.device,
-                            dtype=teacher_dtype, channels_last=args.channels_last)
+    teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, source=teacher_source(recipe),
+                            device=accelerator.device, dtype=teacher_dtype, channels_last=args.channels_last)
     if accelerator.is_main_process:
         logger.info("teacher taps:\n%s", describe_taps(teacher, recipe.data.input_size[1:]))
     model = build_distiller(recipe, teacher.channels, teacher.strides)
