@@ -31,15 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = dict(ft_epochs=1, ft_batch_size=8, probe_weight_decays=(1e-3,), probe_max_iter=20, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a busy host (two threads spin-wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_fmnist(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fmnist")

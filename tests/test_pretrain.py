@@ -160,3 +160,16 @@ def test_two_process_cpu_ddp(tmp_path, teacher_dir, idx_dir):
     rows = _metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
     assert timm.create_model(f"local-dir:{tmp_path / 'run' / 'export'}", pretrained=True)
+
+
+def test_no_argument_default_uses_the_fmnist_recipe_and_the_committed_teacher(tmp_path, monkeypatch):
+    import training.data
+
+    monkeypatch.setattr(training.data, "DEBIAN_FASHION_MNIST_DIR", write_fashion_mnist(tmp_path / "debian", n=32))
+    monkeypatch.chdir(tmp_path)  # the recipe's relative teacher folder is found in the repo from anywhere
+    out = pretrain.main(["--max-steps", "2", "--batch-size", "16", "--num-workers", "0"])  # only shorter, smaller
+    assert out == Path("runs/resnet18.dreamteacher_fmnist")
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["teacher"]["source"] == "teachers/ddpm-fashion-mnist-32" and recipe["arch"] == "resnet18"
+    model = timm.create_model(f"local-dir:{tmp_path / out / 'export'}", pretrained=True).eval()
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 512)

@@ -57,15 +57,6 @@ def _hooked_forward(unet, names, *args, **kwargs) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a loaded 2-core host 2 threads made a forward 2 s instead of 10 ms."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def unet_dir(tmp_path_factory):
     """A diffusers pipeline-layout folder: unet/ + scheduler/ (500 steps, to prove the config is read)."""
