@@ -154,11 +154,12 @@ RECIPES: dict[str, Recipe] = {
                 num_images=60_000,
             ),
             optim=OptimConfig(
-                optimizer="adamw", lr=4e-3, weight_decay=0.05, betas=(0.9, 0.95), batch_size=256, epochs=1,
-                warmup_epochs=0.1,
+                optimizer="adamw", lr=4e-3, weight_decay=0.05, betas=(0.9, 0.95), batch_size=128, epochs=0.5,
+                warmup_epochs=0.05,
             ),
             license="mit",
-            notes="In-domain recipe small enough for a laptop CPU; the trainer's default.",
+            notes="In-domain recipe sized for minutes on a laptop CPU (the trainer's default): the paper's in-domain "
+                  "optimiser, with batch 128 and half an epoch instead of batch 256 and 100 epochs.",
         ),
     )
 }

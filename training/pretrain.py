@@ -29,7 +29,7 @@ import shutil
 import time
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
@@ -183,8 +183,7 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     # -- accelerator: devices, processes, precision, trackers
-    probe = Accelerator()  # just to learn the process count before fixing gradient accumulation
-    micro_batch, accumulation = plan_batches(args, recipe, probe.num_processes)
+    micro_batch, accumulation = plan_batches(args, recipe, PartialState().num_processes)
     accelerator = Accelerator(
         gradient_accumulation_steps=accumulation,
         log_with="tensorboard",
@@ -193,11 +192,11 @@ def main(argv: list[str] | None = None) -> Path:
     )
     set_seed(args.seed, device_specific=True)
     resume_from = find_resume_checkpoint(args.resume, output_dir)
+    saved = output_dir / RESOLVED_RECIPE_FILENAME
+    if resume_from is not None and saved.is_file() and recipe_from_dict(json.loads(saved.read_text())) != recipe:
+        raise ValueError(f"--resume: {saved} differs from this run's recipe; resume with the same recipe/overrides")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        saved = output_dir / RESOLVED_RECIPE_FILENAME
-        if resume_from is not None and saved.is_file() and recipe_from_dict(json.loads(saved.read_text())) != recipe:
-            raise ValueError(f"--resume: {saved} differs from this run's recipe; resume with the same recipe/overrides")
         saved.write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
 
@@ -258,7 +257,7 @@ def main(argv: list[str] | None = None) -> Path:
             state.batch_in_epoch += 1
             state.skipped += int(batch["num_skipped"])
             images = batch["pixel_values"]
-            if images.shape[0] == 0:
+            if images.shape[0] == 0:  # vanishingly rare; under DDP the other ranks would wait at the next sync
                 logger.warning("a whole micro-batch of unreadable images was skipped")
                 continue
             if fixed_images is None:
