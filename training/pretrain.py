@@ -29,7 +29,7 @@ import shutil
 import time
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     # -- accelerator: devices, processes, precision, trackers
-    micro_batch, accumulation = plan_batches(args, recipe, PartialState().num_processes)
+    # the process count must be known before gradient accumulation is fixed (PartialState() alone misreads
+    # ACCELERATE_USE_CPU multi-process launches as one process; tests/test_pretrain.py checks 2-process runs)
+    micro_batch, accumulation = plan_batches(args, recipe, Accelerator().num_processes)
     accelerator = Accelerator(
         gradient_accumulation_steps=accumulation,
         log_with="tensorboard",
