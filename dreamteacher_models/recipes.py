@@ -154,12 +154,12 @@ RECIPES: dict[str, Recipe] = {
                 num_images=60_000,
             ),
             optim=OptimConfig(
-                optimizer="adamw", lr=4e-3, weight_decay=0.05, betas=(0.9, 0.95), batch_size=128, epochs=0.5,
+                optimizer="adamw", lr=4e-3, weight_decay=0.05, betas=(0.9, 0.95), batch_size=128, epochs=0.4,
                 warmup_epochs=0.05,
             ),
             license="mit",
             notes="In-domain recipe sized for minutes on a laptop CPU (the trainer's default): the paper's in-domain "
-                  "optimiser, with batch 128 and half an epoch instead of batch 256 and 100 epochs.",
+                  "optimiser, with batch 128 and 0.4 epoch instead of batch 256 and 100 epochs.",
         ),
     )
 }
