@@ -128,7 +128,7 @@ def _guard_entrypoint(entrypoint: Callable) -> Callable:
         if recipe is None or not pretrained or overlay.get("file") or overlay.get("state_dict"):
             return entrypoint(pretrained=pretrained, pretrained_cfg=pretrained_cfg,
                               pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs)
-        if (recipe.status != "published" or _hub_offline()) and not _is_cached(recipe, kwargs.get("cache_dir")):
+        if (recipe.status != "published" or hub_offline()) and not _is_cached(recipe, kwargs.get("cache_dir")):
             raise WeightsNotAvailableError(weights_not_available_message(recipe))
         try:
             return entrypoint(pretrained=pretrained, pretrained_cfg=pretrained_cfg,
@@ -141,7 +141,8 @@ def _guard_entrypoint(entrypoint: Callable) -> Callable:
     return guarded
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE read now (huggingface_hub reads it once, at import), with huggingface_hub's truthy values."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "on", "yes", "true"}
 
 

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dreamteacher_models._timm_registry import hub_offline
 from dreamteacher_models.recipes import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -189,10 +190,6 @@ def load_idx_dataset(folder: str | os.PathLike, split: str = "train"):
 # Source resolution
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
 def load_image_dataset(
     source: str | os.PathLike | None = None,
     split: str = "train",
@@ -216,7 +213,7 @@ def load_image_dataset(
             if found is not None:
                 logger.info("Fashion-MNIST from %s", found)
                 return load_idx_dataset(found, split)
-        if recipe_data.hub_dataset is None or _hub_offline():
+        if recipe_data.hub_dataset is None or hub_offline():
             why = "HF_HUB_OFFLINE is set" if recipe_data.hub_dataset else "the recipe names no Hub dataset"
             hint = MISSING_DATA_HELP if recipe_data.name == "fashion-mnist" else "pass --data-dir DIR or --dataset ID"
             raise FileNotFoundError(f"no local copy of {recipe_data.name!r} found and {why}: {hint}")
@@ -236,7 +233,7 @@ def load_image_dataset(
 
     if Path(source).is_absolute() or str(source).startswith((".", "~")) or str(source).count("/") > 1:
         raise FileNotFoundError(f"data folder {source} does not exist (and it is not a Hub dataset id)")
-    if _hub_offline():
+    if hub_offline():
         raise FileNotFoundError(
             f"{source!r} is not a local folder and HF_HUB_OFFLINE is set, so it cannot be loaded from the Hub; "
             f"pass --data-dir DIR" + (f" ({MISSING_DATA_HELP})" if source == FASHION_MNIST_HUB_ID else "")
