@@ -424,6 +424,9 @@ def main(argv: list[str] | None = None) -> Path:
                         "skipped_images": state.skipped, "epoch": state.step / steps_per_epoch}
                 progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}", skipped=state.skipped)
                 accelerator.log(logs, step=state.step)
+                if accelerator.is_main_process:  # the training curve as JSON lines, readable without TensorBoard
+                    with open(output_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps({"step": state.step, "wall_s": round(state.wall_s, 1), **logs}) + "\n")
             now = time.time()
             timed_out = bool(args.max_minutes) and (now - t_start) / 60 >= args.max_minutes
             every = args.checkpoint_every_minutes
