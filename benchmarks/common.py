@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from training.hardware import cpu_name
+
 PROBE_SIZE = 2048
 SLOW_PROBE_GFLOPS = 250.0  # this host's fp32 matmul peak is ~360 GFLOP/s; below this it is in a slow spell
 
@@ -19,16 +21,6 @@ def matmul_gflops(size: int = PROBE_SIZE) -> float:
     start = time.perf_counter()
     a @ b
     return 2 * size**3 / (time.perf_counter() - start) / 1e9
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_facts() -> str:

@@ -24,8 +24,8 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 
 from benchmarks.common import interleaved_medians, machine_facts, probe_note  # noqa: E402
 from dreamteacher_models.recipes import DEFAULT_RECIPE, apply_overrides, get_recipe  # noqa: E402
-from training.distiller import build_distiller  # noqa: E402
-from training.losses import feature_distillation_loss  # noqa: E402
+from training.distiller import build_distiller, distillation_loss  # noqa: E402
+from training.hardware import native_bf16_cpu  # noqa: E402
 from training.regressor import build_student  # noqa: E402
 from training.teachers import build_teacher  # noqa: E402
 
@@ -49,19 +49,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a recipe field (as training/pretrain.py --set), e.g. --set 'pairs=((4,4),(8,8))'")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    recipe = apply_overrides(get_recipe(args.recipe), [f"teacher.source={args.teacher or random_teacher_folder()!r}"])
+    recipe = apply_overrides(get_recipe(args.recipe),
+                             [f"teacher.source={args.teacher or random_teacher_folder()!r}", *args.overrides])
     teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std)
+    distiller, _ = build_distiller(recipe, dict(zip(teacher.strides, teacher.channels, strict=True)))
+    teacher.keep_strides({p.teacher_stride for p in distiller.pairs})  # as the trainer: unpaired taps not computed
     images = torch.randn(args.batch, *recipe.data.input_size)
 
     bare = build_student(recipe.arch)
     bare_opt = create_optimizer_v2(bare, opt=recipe.optim.optimizer, lr=1e-4)
-    distiller = build_distiller(recipe, teacher.channels, teacher.strides)
     opt = create_optimizer_v2(distiller, opt=recipe.optim.optimizer, lr=1e-4)
-    sizes = [tuple(f.shape[-2:]) for f in teacher(images[:1]).values()]
 
     def student_step():
         bare(images).mean().backward()
@@ -76,17 +79,33 @@ def main(argv: list[str] | None = None) -> None:
         student_step()
 
     def full_step():
-        targets = teacher(images)
-        predictions = distiller(images, sizes)
-        feature_distillation_loss(predictions, [targets[s] for s in teacher.strides])["loss"].backward()
+        distillation_loss(distiller(images), teacher(images), distiller.pairs, recipe.loss)["loss"].backward()
         opt.step()
         opt.zero_grad()
 
     variants = {"student fwd+bwd+step": student_step, "teacher features": teacher_only,
                 "teacher + student": teacher_and_student, "full distillation step": full_step}
+    drift = None
+    if native_bf16_cpu():  # what `accelerate launch --mixed_precision bf16` runs: student and teacher autocast
+        teacher_bf16 = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, dtype=torch.bfloat16)
+        teacher_bf16.keep_strides(teacher.strides)
+
+        def full_step_bf16():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses = distillation_loss(distiller(images), teacher_bf16(images), distiller.pairs, recipe.loss)
+            losses["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+
+        variants["full distillation step, bf16 autocast"] = full_step_bf16
+        same = [torch.Generator().manual_seed(0) for _ in range(2)]
+        exact, low = teacher(images, generator=same[0]), teacher_bf16(images, generator=same[1])
+        drift = {s: ((low[s] - exact[s]).norm() / exact[s].norm()).item() for s in exact}
     medians, probes = interleaved_medians(variants, rounds=args.rounds)
     res = recipe.data.input_size[1]
-    print(f"## distillation throughput: {recipe.name}, {res}x{res}, batch {args.batch}\n")
+    pairs = ", ".join(f"C@{p.student_stride}<-T@{p.teacher_stride}" for p in distiller.pairs)
+    print(f"## distillation throughput: {recipe.name}, {res}x{res}, batch {args.batch}; pairs {pairs}; regressor "
+          f"width {recipe.regressor_width}, PPM bins {recipe.ppm_bins}\n")
     print("| variant | ms / batch | images/s | x teacher + student |")
     print("|---|---|---|---|")
     base = medians["teacher + student"]
@@ -96,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     overhead = medians["full distillation step"] / base - 1
     print(f"\nregressor + losses overhead over teacher + student: {100 * overhead:.1f}%; "
           f"teacher share of the full step: {100 * share:.0f}%")
+    if drift:
+        print("bf16 teacher feature drift (relative L2 error vs fp32, same noise): "
+              + ", ".join(f"stride {s}: {100 * d:.2f}%" for s, d in drift.items()))
     print(f"{machine_facts()}; {args.rounds} interleaved rounds; {probe_note(probes)}")
 
 

@@ -90,6 +90,11 @@ class Recipe:
     loss: LossConfig = field(default_factory=LossConfig)
     regressor_width: int = 256
     ppm_bins: tuple[int, ...] = (1, 2, 3, 6)
+    # (student stride, teacher stride) per distilled student level; () = pair each teacher tap with the student
+    # level at its own stride (training/pairing.py). A finer teacher map is area-pooled to the student's grid.
+    pairs: tuple[tuple[int, int], ...] = ()
+    # timm's zero_init_last (resnet family: each residual block's last BN gamma starts at 0); None = timm's default
+    zero_init_last: bool | None = None
     status: WeightsStatus = "unpublished"
     license: str = "apache-2.0"
     notes: str = ""
@@ -126,14 +131,16 @@ IMAGENET_OPTIM = OptimConfig(
     optimizer="lamb", lr=4e-3, weight_decay=0.05, betas=(0.9, 0.95), batch_size=2048, epochs=200, warmup_epochs=30
 )
 
+PAPER_PAIRS = ((4, 4), (8, 8), (16, 16), (32, 32))  # ADM-256 output blocks 12/9/6/3 -> C2..C5, by stride
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
         Recipe(arch="resnet50", tag="dreamteacher_in1k", teacher=ADM_IMAGENET_TEACHER, data=IMAGENET_DATA,
-               optim=IMAGENET_OPTIM, license="other",
+               optim=IMAGENET_OPTIM, license="other", pairs=PAPER_PAIRS,
                notes="ImageNet-1k images (no labels); ImageNet's terms of access apply to derived weights."),
         Recipe(arch="convnext_base", tag="dreamteacher_in1k", teacher=ADM_IMAGENET_TEACHER, data=IMAGENET_DATA,
-               optim=IMAGENET_OPTIM, license="other",
+               optim=IMAGENET_OPTIM, license="other", pairs=PAPER_PAIRS,
                notes="ImageNet-1k images (no labels); ImageNet's terms of access apply to derived weights."),
         Recipe(
             arch="resnet18",
@@ -157,6 +164,9 @@ RECIPES: dict[str, Recipe] = {
                 optimizer="adamw", lr=4e-3, weight_decay=0.05, betas=(0.9, 0.95), batch_size=128, epochs=0.4,
                 warmup_epochs=0.05,
             ),
+            regressor_width=128,
+            ppm_bins=(1,),
+            pairs=((4, 4), (8, 8)),
             license="mit",
             notes="In-domain recipe sized for minutes on a laptop CPU (the trainer's default): the paper's in-domain "
                   "optimiser, with batch 128 and 0.4 epoch instead of batch 256 and 100 epochs.",
@@ -231,6 +241,10 @@ def _field_type(cls, name: str):
     return typing.get_type_hints(cls)[name]
 
 
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def _build(cls, values: dict, path: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
@@ -242,7 +256,7 @@ def _build(cls, values: dict, path: str):
         if dataclasses.is_dataclass(ftype):
             kwargs[name] = _build(ftype, value, f"{path}{name}.")
         elif isinstance(value, list):
-            kwargs[name] = tuple(value)  # JSON has no tuples; recipes are frozen and hashable
+            kwargs[name] = _tuples(value)  # JSON has no tuples; recipes are frozen and hashable
         else:
             kwargs[name] = value
     return cls(**kwargs)

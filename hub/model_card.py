@@ -27,7 +27,7 @@ def _recipe_rows(recipe: Recipe) -> list[tuple[str, str]]:
         ("teacher encoding", "x_t = sqrt(abar_t) x_0 + sqrt(1-abar_t) eps, fresh eps, one UNet pass"
          if t.encoding == "noise" else "DDIM inversion to t"),
         ("teacher taps", ", ".join(t.taps) if t.taps else "each decoder level before its upsampler"),
-        ("student taps", "C2..C5 (strides 4, 8, 16, 32)"),
+        ("student level <- teacher tap (by stride)", _pairing(recipe)),
         ("feature regressor", f"FPN + PPM (bins {recipe.ppm_bins}), width {recipe.regressor_width}"),
         ("loss", f"{loss.mse_weight} x MSE(LN_{loss.norm_axes}(teacher)) + {loss.at_weight} x attention transfer"),
         ("data", f"{d.name} ({d.num_images:,} images, labels unused)" if d.num_images else d.name),
@@ -37,6 +37,12 @@ def _recipe_rows(recipe: Recipe) -> list[tuple[str, str]]:
                       f"weight decay {o.weight_decay:g}, betas {o.betas}"),
         ("batch / epochs / warm-up", f"{o.batch_size} / {o.epochs:g} / {o.warmup_epochs:g} ({o.schedule})"),
     ]
+
+
+def _pairing(recipe: Recipe) -> str:
+    if not recipe.pairs:
+        return "each teacher tap feeds the student level at its own stride"
+    return ", ".join(f"stride {s} <- {t}" + (f" (area-pooled {s // t}x)" if s != t else "") for s, t in recipe.pairs)
 
 
 def _results_table(results: Results) -> str:

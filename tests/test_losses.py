@@ -137,3 +137,15 @@ def test_dice_perfect_wrong_and_ignored():
     assert dice_loss(wrong, target, ignore_index=255) > 0.5
     with pytest.raises(ValueError, match=r"\[0, 3\).*255"):
         dice_loss(logits, target)
+
+
+def test_a_1x1_level_has_no_attention_transfer_term(gen):
+    """A single position's attention is always 1: the AT term would be a constant, so it is left out and the AT mean
+    runs over the other levels."""
+    students = [torch.randn(2, 4, 4, 4, generator=gen), torch.randn(2, 4, 1, 1, generator=gen)]
+    teachers = [torch.randn(2, 4, 4, 4, generator=gen), torch.randn(2, 4, 1, 1, generator=gen)]
+    out = feature_distillation_loss(students, teachers)
+    assert "at/level1" not in out and "mse/level1" in out
+    assert torch.equal(out["at"], out["at/level0"])
+    only_1x1 = feature_distillation_loss(students[1:], teachers[1:])
+    assert only_1x1["at"] == 0 and torch.equal(only_1x1["loss"], only_1x1["mse"])

@@ -43,7 +43,8 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def test_runs_and_exports_a_backbone_timm_loads(tmp_path, teacher_dir, idx_dir):
-    out = pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "3", "--feature-images", "2"))
+    out = pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "3", "--feature-images", "2",
+                              "--set", "pairs=()"))
     model = timm.create_model(f"local-dir:{out / 'export'}", pretrained=True).eval()
     trained = {k.removeprefix("student."): v for k, v in _weights(out / "checkpoints" / "step_3").items()
                if k.startswith("student.")}
@@ -51,6 +52,8 @@ def test_runs_and_exports_a_backbone_timm_loads(tmp_path, teacher_dir, idx_dir):
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 512)
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["regressor_width"] == 16 and recipe["teacher"]["source"] == str(teacher_dir)
+    # automatic pairing by stride, written as resolved: the teacher's stride-1 level has no student level
+    assert recipe["pairs"] == [[2, 2], [4, 4], [8, 8]]
     assert (out / "checkpoints" / "step_3" / "features.png").is_file()
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -102,7 +105,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, teacher_dir, caplog):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, teacher_dir, idx_dir, monkeypatch):
-    real_loss = pretrain.feature_distillation_loss
+    real_loss = pretrain.distillation_loss
     calls = {"n": 0}
 
     def loss_turning_nan(*args, **kwargs):
@@ -112,7 +115,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    monkeypatch.setattr(pretrain, "feature_distillation_loss", loss_turning_nan)
+    monkeypatch.setattr(pretrain, "distillation_loss", loss_turning_nan)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3.*step_2"):
         pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "6", "--checkpoint-every", "2"))
     good = tmp_path / "run" / "checkpoints" / "step_2"
@@ -125,9 +128,11 @@ def test_bad_inputs_give_clear_errors(tmp_path, teacher_dir, idx_dir):
         pretrain.main(["--recipe", "resnet18.dreamteacher_nope", "--output-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown recipe field 'teacher.timestamp'"):
         pretrain.main(_args(tmp_path / "a", teacher_dir, idx_dir, "--set", "teacher.timestamp=10"))
-    three_taps = "teacher.taps=('up_blocks.1.resnets.0','up_blocks.2.resnets.0','up_blocks.3.resnets.0')"
-    with pytest.raises(ValueError, match="teacher/student pyramid mismatch: the teacher has 3 taps"):
-        pretrain.main(_args(tmp_path / "b", teacher_dir, idx_dir, "--set", three_taps))
+    with pytest.raises(ValueError, match=r"pair \(16, 16\): the teacher has no tap at stride 16; its taps are at "
+                                         r"strides \[1, 2, 4, 8\]"):
+        pretrain.main(_args(tmp_path / "b", teacher_dir, idx_dir, "--set", "pairs=((4,4),(16,16))"))
+    with pytest.raises(ValueError, match=r"pair \(4, 8\).*stride 8 can only feed"):
+        pretrain.main(_args(tmp_path / "b", teacher_dir, idx_dir, "--set", "pairs=((4,8),)"))
     with pytest.raises(ValueError, match="not a multiple of per-device batch 3"):
         pretrain.main(_args(tmp_path / "c", teacher_dir, idx_dir, "--per-device-batch-size", "3"))
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
@@ -148,6 +153,8 @@ def test_documented_accelerate_launch_command_runs(tmp_path, teacher_dir, idx_di
                          idx_dir=idx_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert timm.create_model(f"local-dir:{tmp_path / 'run' / 'export'}", pretrained=True)
+    # accelerate launch sets OMP_NUM_THREADS=1 on a CPU machine (the env above does too): the trainer uses every core
+    assert f"{len(os.sched_getaffinity(0))} torch threads per process on cpu" in result.stderr
 
 
 @pytest.mark.slow

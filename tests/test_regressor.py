@@ -1,27 +1,30 @@
-"""Student taps (C2..C5 by stride) and the UperNet-like feature regressor."""
+"""Student levels (by stride, stem included where timm has one) and the UperNet-like feature regressor."""
 
 import pytest
 import timm
 import torch
 
-from training.regressor import FeatureRegressor, build_student, pyramid_taps, select_pyramid_indices, student_pyramid
+from training.regressor import FeatureRegressor, build_student, select_pyramid_indices, student_levels, student_pyramid
 
 TEACHER_CHANNELS = (8, 8, 16, 16)  # stand-in for ADM's (512, 512, 1024, 1024), finest first
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "convnext_atto", "efficientnet_b0", "regnetx_002"])
-def test_student_taps_strides_4_to_32_and_regressor_shapes(arch):
+@pytest.mark.parametrize(("arch", "stem"), [("resnet18", True), ("resnet50", True), ("convnext_atto", False),
+                                            ("efficientnet_b0", True), ("regnetx_002", True)])
+def test_student_levels_by_stride_and_regressor_shapes(arch, stem):
     student = build_student(arch).eval()
-    indices, channels = pyramid_taps(student, arch)
-    assert [student.feature_info[i]["reduction"] for i in indices] == [4, 8, 16, 32]
+    levels = student_levels(student, arch)
+    assert sorted(levels) == ([2] if stem else []) + [4, 8, 16, 32]
+    assert all(student.feature_info[i]["reduction"] == s for s, (i, _) in levels.items())
+    c2_c5 = [levels[s] for s in (4, 8, 16, 32)]
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        feats = student_pyramid(student, x, indices)
-    assert [f.shape[1] for f in feats] == list(channels)
+        feats = student_pyramid(student, x, [i for i, _ in c2_c5])
+    assert [f.shape[1] for f in feats] == [c for _, c in c2_c5]
     assert [f.shape[-1] for f in feats] == [16, 8, 4, 2]
     assert set(student.state_dict()) == set(timm.create_model(arch, num_classes=0).state_dict())  # timm's keys
 
-    regressor = FeatureRegressor(channels, TEACHER_CHANNELS, width=16).eval()
+    regressor = FeatureRegressor([c for _, c in c2_c5], TEACHER_CHANNELS, width=16).eval()
     with torch.no_grad():
         preds = regressor(feats)
     assert [tuple(p.shape) for p in preds] == [
@@ -29,22 +32,36 @@ def test_student_taps_strides_4_to_32_and_regressor_shapes(arch):
     ]
 
 
-def test_target_sizes_resize_to_teacher_maps():
+def test_levels_without_a_target_carry_the_top_down_path_only():
     feats = [torch.randn(2, c, s, s) for c, s in zip((4, 6, 8, 10), (8, 4, 2, 1), strict=True)]
-    regressor = FeatureRegressor((4, 6, 8, 10), TEACHER_CHANNELS, width=8)
-    sizes = [(16, 16), (8, 8), (8, 8), (4, 6)]  # teacher at 2x, 2x, 4x and a non-square map
-    preds = regressor(feats, target_sizes=sizes)
-    assert [tuple(p.shape[-2:]) for p in preds] == sizes
-    assert [p.shape[1] for p in preds] == list(TEACHER_CHANNELS)
+    regressor = FeatureRegressor((4, 6, 8, 10), (8, 8, 0, 0), width=8)
+    preds = regressor(feats)
+    assert [tuple(p.shape) for p in preds] == [(2, 8, 8, 8), (2, 8, 4, 4)]
+    assert set(regressor.head) == {"0", "1"} and set(regressor.fpn_out) == {"0", "1"}
+    sum(p.square().mean() for p in preds).backward()
+    # the unpaired C4/C5 still shape the predictions: their lateral conv and the PPM get gradients
+    assert regressor.lateral[2][0].weight.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in regressor.ppm.parameters())
+
+
+def test_top_down_path_carries_coarse_context_into_the_finest_prediction():
+    """Changing only C5 changes the C2 prediction: the FPN's top-down path is really there."""
+    torch.manual_seed(0)
+    regressor = FeatureRegressor((4, 6, 8, 10), TEACHER_CHANNELS, width=8).eval()
+    feats = [torch.randn(2, c, s, s) for c, s in zip((4, 6, 8, 10), (8, 4, 2, 1), strict=True)]
+    with torch.no_grad():
+        before = regressor(feats)[0]
+        after = regressor([*feats[:3], feats[3] + 1.0])[0]
+    assert not torch.allclose(before, after)
 
 
 def test_gradients_reach_every_regressor_parameter_with_1x1_c5():
     student = build_student("resnet18")
-    indices, channels = pyramid_taps(student)
-    feats = student_pyramid(student, torch.randn(2, 3, 32, 32), indices)
+    levels = student_levels(student)
+    feats = student_pyramid(student, torch.randn(2, 3, 32, 32), [levels[s][0] for s in (4, 8, 16, 32)])
     assert tuple(feats[-1].shape[-2:]) == (1, 1)  # PPM pools a 1x1 map to 6x6
-    regressor = FeatureRegressor(channels, TEACHER_CHANNELS, width=8)
-    preds = regressor(feats, target_sizes=[(16, 16), (8, 8), (4, 4), (2, 2)])
+    regressor = FeatureRegressor([levels[s][1] for s in (4, 8, 16, 32)], TEACHER_CHANNELS, width=8)
+    preds = regressor(feats)
     sum(p.square().mean() for p in preds).backward()
     missing = [n for n, p in regressor.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
@@ -65,8 +82,10 @@ def test_arch_without_pyramid_is_rejected_with_its_reductions():
 
 
 def test_regressor_rejects_wrong_inputs():
-    with pytest.raises(ValueError, match="4 levels"):
+    with pytest.raises(ValueError, match="one out_channels entry"):
         FeatureRegressor((4, 6, 8), TEACHER_CHANNELS)
+    with pytest.raises(ValueError, match="no level has a target"):
+        FeatureRegressor((4, 6), (0, 0))
     regressor = FeatureRegressor((4, 6, 8, 10), TEACHER_CHANNELS, width=8)
     with pytest.raises(ValueError, match=r"channels \(4, 6, 8, 10\)"):
         regressor([torch.randn(2, 5, 4, 4)] * 4)

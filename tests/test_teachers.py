@@ -286,9 +286,9 @@ def test_adm256_default_taps_are_the_papers_output_blocks():
     assert T.output_block_names(unet) == mapping  # structure-derived numbering agrees with adm.py's
     paper = T.resolve_tap_names(unet, [f"output_blocks.{k}" for k in (2, 5, 8, 11)], mapping)
     assert paper == T.default_tap_names(unet)
-    taps, last = T.probe_taps(unet, paper)
+    taps, order = T.probe_taps(unet, paper)
     assert [(t.stride, t.channels) for t in taps] == [(4, 512), (8, 512), (16, 1024), (32, 1024)]
-    assert last == "up_blocks.3.resnets.2"
+    assert order[-1] == "up_blocks.3.resnets.2"
 
 
 @pytest.fixture(scope="module")

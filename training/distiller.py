@@ -6,36 +6,55 @@ This is the one module `accelerator.prepare` wraps; the frozen teacher stays out
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
-from dreamteacher_models.recipes import Recipe
+from dreamteacher_models.recipes import LossConfig, Recipe
 
-from .regressor import FeatureRegressor, build_student, pyramid_taps, student_pyramid
+from .losses import feature_distillation_loss
+from .pairing import LevelPair, pair_levels, pooled_targets
+from .regressor import FeatureRegressor, build_student, student_levels, student_pyramid
 
 
 class Distiller(nn.Module):
-    def __init__(self, student: nn.Module, indices: Sequence[int], regressor: FeatureRegressor):
+    """Student levels from the finest paired one up to the coarsest (C5) -> one prediction per pair, finest first,
+    each on its student level's grid."""
+
+    def __init__(self, student: nn.Module, indices: Sequence[int], regressor: FeatureRegressor,
+                 pairs: Sequence[LevelPair]):
         super().__init__()
         self.student = student
         self.indices = tuple(indices)
         self.regressor = regressor
+        self.pairs = tuple(pairs)
 
-    def forward(self, images: Tensor, target_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
-        """(B, 3, H, W) -> the regressed student maps, finest first, each resized to target_sizes[i]."""
-        return self.regressor(student_pyramid(self.student, images, self.indices), target_sizes)
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """(B, 3, H, W) -> [(B, teacher channels, H / student stride, W / student stride)] per pair, finest first."""
+        return self.regressor(student_pyramid(self.student, images, self.indices))
 
 
-def build_distiller(recipe: Recipe, teacher_channels: Sequence[int], teacher_strides: Sequence[int]) -> Distiller:
-    """Student C2..C5 matched finest-to-finest with the teacher's taps (which must be four)."""
-    student = build_student(recipe.arch)
-    indices, channels = pyramid_taps(student, recipe.arch)
-    if len(teacher_channels) != len(channels):
-        raise ValueError(
-            f"teacher/student pyramid mismatch: the teacher has {len(teacher_channels)} taps at strides "
-            f"{list(teacher_strides)} but the student {recipe.arch} has {len(channels)} levels (C2..C5, strides "
-            f"4/8/16/32); set teacher.taps to exactly {len(channels)} module names (finest first)"
-        )
-    regressor = FeatureRegressor(channels, teacher_channels, width=recipe.regressor_width, ppm_bins=recipe.ppm_bins)
-    return Distiller(student, indices, regressor)
+def build_distiller(recipe: Recipe, teacher_channels: Mapping[int, int]) -> tuple[Distiller, list[str]]:
+    """(the student + regressor for `recipe`, notes on teacher taps left out), levels paired by stride.
+
+    `teacher_channels`: {tap stride: channels} of the teacher's taps. The pairing is the recipe's `pairs`, or the
+    automatic rule of training/pairing.py when the recipe declares none.
+    """
+    init = {} if recipe.zero_init_last is None else {"zero_init_last": recipe.zero_init_last}
+    student = build_student(recipe.arch, **init)
+    levels = student_levels(student, recipe.arch)
+    pairs, notes = pair_levels(levels, teacher_channels, recipe.pairs)
+    target_of = {p.student_stride: p.teacher_channels for p in pairs}
+    used = [s for s in sorted(levels) if s >= pairs[0].student_stride]  # finest paired level .. C5
+    regressor = FeatureRegressor([levels[s][1] for s in used], [target_of.get(s, 0) for s in used],
+                                 width=recipe.regressor_width, ppm_bins=recipe.ppm_bins)
+    return Distiller(student, [levels[s][0] for s in used], regressor, pairs), notes
+
+
+def distillation_loss(predictions: Sequence[Tensor], teacher_maps: Mapping[int, Tensor], pairs: Sequence[LevelPair],
+                      loss: LossConfig) -> dict[str, Tensor]:
+    """The recipe's L_feat for one batch: each pair's teacher map ({stride: map}) pooled to its prediction's grid,
+    then MSE to its layer norm + AT (training/losses.py). Shared by the trainer and the benchmarks."""
+    targets = pooled_targets(teacher_maps, pairs, [p.shape[-2:] for p in predictions])
+    return feature_distillation_loss(predictions, targets, at_weight=loss.at_weight, mse_weight=loss.mse_weight,
+                                     norm_axes=loss.norm_axes)

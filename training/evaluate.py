@@ -43,7 +43,6 @@ import copy
 import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -55,6 +54,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dreamteacher_models.recipes import DEFAULT_RECIPE, Recipe, UnknownRecipeError, get_recipe
+from training.hardware import cpu_name
 
 logger = logging.getLogger("dreamteacher.evaluate")
 
@@ -490,16 +490,6 @@ def _per_fraction(values: int | Sequence[int], fractions: Sequence[float], name:
 
 def fraction_key(fraction: float) -> str:
     return f"fine-tune {fraction * 100:g}%"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:

@@ -79,7 +79,8 @@ def feature_distillation_loss(
     mse_weight: float = 1.0,
     norm_axes: str = "chw",
 ) -> dict[str, Tensor]:
-    """L_feat = mse_weight * L_MSE + at_weight * L_AT, each averaged over levels.
+    """L_feat = mse_weight * L_MSE + at_weight * L_AT, each averaged over levels (AT over the levels larger than
+    1x1: a single position's attention is always 1).
 
     student_levels[i]: regressed map (B, C_i, H_i, W_i); teacher_levels[i]: raw teacher map of the same shape.
     Returns {"loss", "mse", "at", "mse/level{i}", "at/level{i}"} (scalars, for the trainer to log).
@@ -95,12 +96,15 @@ def feature_distillation_loss(
             f"and {len(teacher_levels)}"
         )
     out: dict[str, Tensor] = {}
+    at_terms = []
     for i, (s, t) in enumerate(zip(student_levels, teacher_levels, strict=True)):
         out[f"mse/level{i}"] = feature_mse_loss(s, t, norm_axes)
-        out[f"at/level{i}"] = attention_transfer_loss(s, t)
+        if s.shape[-2:].numel() > 1:  # a 1x1 map's attention is the constant 1: no AT term (zero gradient)
+            out[f"at/level{i}"] = attention_transfer_loss(s, t)
+            at_terms.append(out[f"at/level{i}"])
     n = len(student_levels)
     out["mse"] = sum(out[f"mse/level{i}"] for i in range(n)) / n
-    out["at"] = sum(out[f"at/level{i}"] for i in range(n)) / n
+    out["at"] = sum(at_terms) / len(at_terms) if at_terms else out["mse"].new_zeros(())
     out["loss"] = mse_weight * out["mse"] + at_weight * out["at"]
     return out
 

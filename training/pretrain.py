@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # `accelerate launch training/pretrain.py` puts t
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -51,8 +52,9 @@ from training.data import (
     load_image_dataset,
     split_streaming,
 )
-from training.distiller import build_distiller
-from training.losses import feature_distillation_loss
+from training.distiller import build_distiller, distillation_loss
+from training.hardware import cpu_threads_per_process
+from training.pairing import describe_pairs
 from training.schedule import TrainState, cosine_with_warmup
 from training.teachers import build_teacher, describe_taps
 
@@ -72,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--streaming", action="store_true", help="stream the Hub dataset instead of downloading it")
     data.add_argument("--limit-images", type=int, help="train on the first N images only (quick runs, tests)")
     data.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
+    data.add_argument("--threads", type=int,
+                      help="torch threads per process on CPU (default: every core of the machine shared among the "
+                           "local processes; `accelerate launch` would otherwise leave one thread on a CPU machine)")
     teacher = p.add_argument_group("teacher")
     teacher.add_argument("--teacher", help="teacher folder / Hub id / ADM .pt (default: the recipe's teacher.source)")
     teacher.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"],
@@ -193,6 +198,28 @@ def main(argv: list[str] | None = None) -> Path:
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False if args.streaming else None),
     )
     set_seed(args.seed, device_specific=True)
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(args.threads or cpu_threads_per_process())
+
+    # -- the frozen teacher (never prepared) and the trainable student + regressor, levels paired by stride
+    teacher_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        args.teacher_dtype or accelerator.mixed_precision)
+    teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, source=teacher_source(recipe),
+                            device=accelerator.device, dtype=teacher_dtype, channels_last=args.channels_last)
+    model, pairing_notes = build_distiller(recipe, dict(zip(teacher.strides, teacher.channels, strict=True)))
+    pairs = model.pairs
+    recipe = dataclasses.replace(recipe, pairs=tuple((p.student_stride, p.teacher_stride) for p in pairs))
+    teacher.keep_strides({p.teacher_stride for p in pairs})  # an unpaired level is never computed
+    if accelerator.is_main_process:
+        logger.info("teacher taps:\n%s", describe_taps(teacher, recipe.data.input_size[1:]))
+        logger.info("student levels <- teacher taps, by stride:\n%s\n%s",
+                    describe_pairs(pairs, recipe.data.input_size[-1]), "\n".join(pairing_notes))
+        logger.info("%d torch threads per process on %s", torch.get_num_threads(), accelerator.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model, opt=recipe.optim.optimizer, lr=recipe.optim.lr,
+                                    weight_decay=recipe.optim.weight_decay, betas=recipe.optim.betas)
+
     resume_from = find_resume_checkpoint(args.resume, output_dir)
     saved = output_dir / RESOLVED_RECIPE_FILENAME
     if resume_from is not None and saved.is_file() and recipe_from_dict(json.loads(saved.read_text())) != recipe:
@@ -201,19 +228,6 @@ def main(argv: list[str] | None = None) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-
-    # -- the frozen teacher (never prepared) and the trainable student + regressor
-    teacher_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        args.teacher_dtype or accelerator.mixed_precision)
-    teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, source=teacher_source(recipe),
-                            device=accelerator.device, dtype=teacher_dtype, channels_last=args.channels_last)
-    if accelerator.is_main_process:
-        logger.info("teacher taps:\n%s", describe_taps(teacher, recipe.data.input_size[1:]))
-    model = build_distiller(recipe, teacher.channels, teacher.strides)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(model, opt=recipe.optim.optimizer, lr=recipe.optim.lr,
-                                    weight_decay=recipe.optim.weight_decay, betas=recipe.optim.betas)
 
     # -- data and schedule length
     dataset, num_images = build_data(args, recipe, accelerator)
@@ -272,13 +286,10 @@ def main(argv: list[str] | None = None) -> Path:
                               + accelerator.process_index)
             state.micro_step += 1
             t0 = time.perf_counter()
-            targets = teacher(images, generator=noise)
+            teacher_maps = teacher(images, generator=noise)
             t1 = time.perf_counter()
-            target_list = [targets[s] for s in teacher.strides]
             with accelerator.accumulate(model):
-                predictions = model(images, [tuple(t.shape[-2:]) for t in target_list])
-                losses = feature_distillation_loss(predictions, target_list, at_weight=recipe.loss.at_weight,
-                                                   mse_weight=recipe.loss.mse_weight, norm_axes=recipe.loss.norm_axes)
+                losses = distillation_loss(model(images), teacher_maps, pairs, recipe.loss)
                 accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients and recipe.optim.grad_clip:
                     accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
@@ -342,19 +353,20 @@ def save_feature_picture(accelerator, teacher, model, images, checkpoint: Path, 
     """teacher vs regressed-student features (PCA to RGB) for a few fixed images, beside the checkpoint."""
     if images is None or not len(images) or not accelerator.is_main_process:
         return
+    from training.pairing import pooled_targets
     from training.visualize import save_feature_comparison
 
     generator = torch.Generator(device=accelerator.device).manual_seed(seed)
-    targets = teacher(images, generator=generator)
+    teacher_maps = teacher(images, generator=generator)
     distiller = accelerator.unwrap_model(model)
     was_training = distiller.training
     distiller.eval()
     with torch.no_grad():
-        target_list = [targets[s] for s in teacher.strides]
-        predictions = distiller(images, [tuple(t.shape[-2:]) for t in target_list])
+        predictions = distiller(images)
     distiller.train(was_training)
-    save_feature_comparison(images, target_list, predictions, teacher.strides, checkpoint / "features.png",
-                            mean=teacher.mean, std=teacher.std)
+    targets = pooled_targets(teacher_maps, distiller.pairs, [p.shape[-2:] for p in predictions])
+    save_feature_comparison(images, targets, predictions, [p.student_stride for p in distiller.pairs],
+                            checkpoint / "features.png", mean=teacher.mean, std=teacher.std)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Student backbone taps (C2..C5) and the UperNet-like feature regressor that maps them onto the teacher's levels."""
+"""Student backbone levels (every stride of timm's feature_info: the stride-2 stem, C2..C5) and the UperNet-like
+feature regressor that maps them onto the teacher taps they are paired with (training/pairing.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-PYRAMID_STRIDES = (4, 8, 16, 32)  # C2..C5
+PYRAMID_STRIDES = (4, 8, 16, 32)  # C2..C5: the levels every student must have
 
 
 def select_pyramid_indices(
@@ -31,23 +32,33 @@ def select_pyramid_indices(
 
 def build_student(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """The whole headless timm model (num_classes=0): its state dict keeps timm's own key names, so the
-    exported backbone needs no key mapping. Its C2..C5 are read with `student_pyramid`."""
+    exported backbone needs no key mapping. Its levels are read with `student_pyramid`."""
     model = timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
-    pyramid_taps(model, arch)  # fail now, not at the first step, when the pyramid is missing
+    student_levels(model, arch)  # fail now, not at the first step, when the pyramid is missing
     return model
 
 
-def pyramid_taps(model: nn.Module, arch: str = "model") -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(feature_info indices, channels) of C2..C5 (strides 4, 8, 16, 32), picked by reduction so any CNN family
-    works (resnet's index 0 is stride 2, convnext's is stride 4)."""
+def student_levels(model: nn.Module, arch: str = "model") -> dict[int, tuple[int, int]]:
+    """{stride: (feature_info index, channels)} of every level the student offers: C2..C5 (strides 4, 8, 16, 32,
+    required) plus the stride-2 stem level where timm's feature_info has one (resnet, efficientnet; not convnext).
+    Levels are picked by reduction, so any CNN family works."""
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "feature_info"):
         raise ValueError(f"{arch} has no forward_intermediates/feature_info in timm; pick a timm CNN backbone")
-    indices = select_pyramid_indices([info["reduction"] for info in model.feature_info], arch)
-    return indices, tuple(model.feature_info[i]["num_chs"] for i in indices)
+    reductions = [info["reduction"] for info in model.feature_info]
+    select_pyramid_indices(reductions, arch)  # C2..C5 must exist
+    strides = sorted({r for r in reductions if r in (2, *PYRAMID_STRIDES)})
+    indices = select_pyramid_indices(reductions, arch, strides)
+    return {s: (i, model.feature_info[i]["num_chs"]) for s, i in zip(strides, indices, strict=True)}
+
+
+def pyramid_taps(model: nn.Module, arch: str = "model") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(feature_info indices, channels) of C2..C5 (strides 4, 8, 16, 32)."""
+    levels = student_levels(model, arch)
+    return tuple(levels[s][0] for s in PYRAMID_STRIDES), tuple(levels[s][1] for s in PYRAMID_STRIDES)
 
 
 def student_pyramid(model: nn.Module, images: Tensor, indices: Sequence[int]) -> list[Tensor]:
-    """C2..C5 of a timm model, finest first: (B, 3, H, W) -> [(B, C_i, H/s_i, W/s_i)] for s_i = 4, 8, 16, 32."""
+    """The timm model's feature maps at `indices`, in order: (B, 3, H, W) -> [(B, C_i, H/s_i, W/s_i)]."""
     return model.forward_intermediates(images, indices=list(indices), intermediates_only=True)
 
 
@@ -86,11 +97,17 @@ class PyramidPooling(nn.Module):
 
 
 class FeatureRegressor(nn.Module):
-    """UperNet-like regressor from student levels C2..C5 to the teacher's four matched levels (finest first).
+    """UperNet-like regressor from student levels (finest first, each twice the stride of the one before) to the
+    teacher taps paired with some of them.
 
-    PPM on C5 gives the top of an FPN top-down path (lateral 1x1 conv+BN+ReLU on C2..C4, upsample+add, 3x3
-    conv+BN+ReLU per level; as in UperNet the PPM's own 3x3 fusion conv is C5's output conv), then a 1x1 conv per
-    level to the teacher's channel count. After pretraining the regressor is discarded.
+    PPM on the coarsest level gives the top of an FPN top-down path (lateral 1x1 conv+BN+ReLU on every finer level,
+    upsample+add, then a 3x3 conv+BN+ReLU output conv on each level that has a target; as in UperNet the PPM's own
+    3x3 fusion conv is the coarsest level's output conv), then a 1x1 head per paired level to the teacher's channel
+    count. Predictions stay on the student's grid: the targets are pooled to it (training/pairing.py), so no map is
+    ever larger than the finest level given. After pretraining the regressor is discarded.
+
+    `out_channels[i]` is the teacher channel count level i regresses, or 0 for a level without a target (it still
+    carries the top-down path, so a coarse unpaired level still learns through the finer levels' losses).
     """
 
     def __init__(
@@ -101,41 +118,36 @@ class FeatureRegressor(nn.Module):
         ppm_bins: Sequence[int] = (1, 2, 3, 6),
     ):
         super().__init__()
-        if len(in_channels) != 4 or len(out_channels) != 4:
-            raise ValueError(
-                f"FeatureRegressor needs 4 levels (C2..C5), got in_channels={list(in_channels)}, "
-                f"out_channels={list(out_channels)}"
-            )
+        if len(in_channels) != len(out_channels) or not in_channels:
+            raise ValueError(f"FeatureRegressor needs one out_channels entry (0 = no target) per student level, got "
+                             f"in_channels={list(in_channels)}, out_channels={list(out_channels)}")
+        if not any(out_channels):
+            raise ValueError(f"FeatureRegressor: no level has a target (out_channels={list(out_channels)})")
         self.in_channels = tuple(in_channels)
         self.out_channels = tuple(out_channels)
         self.ppm = PyramidPooling(in_channels[-1], width, ppm_bins)
         self.lateral = nn.ModuleList(_conv_bn_relu(c, width, 1) for c in in_channels[:-1])
-        self.fpn_out = nn.ModuleList(_conv_bn_relu(width, width, 3) for _ in in_channels[:-1])
-        self.head = nn.ModuleList(nn.Conv2d(width, c, 1) for c in out_channels)
+        # output convs only where a head reads them (unused parameters would stall DDP)
+        self.fpn_out = nn.ModuleDict({str(i): _conv_bn_relu(width, width, 3)
+                                      for i, c in enumerate(out_channels[:-1]) if c})
+        self.head = nn.ModuleDict({str(i): nn.Conv2d(width, c, 1) for i, c in enumerate(out_channels) if c})
 
-    def forward(
-        self, features: Sequence[Tensor], target_sizes: Sequence[tuple[int, int]] | None = None
-    ) -> list[Tensor]:
-        """features: 4 maps (B, in_channels[i], H_i, W_i), finest first.
+    def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
+        """features: one map (B, in_channels[i], H_i, W_i) per level, finest first.
 
-        Returns 4 maps (B, out_channels[i], H_i, W_i), finest first; with `target_sizes` each is bilinearly
-        resized to target_sizes[i] (the teacher map's H, W, which may sit at another stride or input size).
+        Returns one prediction (B, out_channels[i], H_i, W_i) per level with a target, finest first.
         """
         channels = tuple(f.shape[1] for f in features)
         if channels != self.in_channels:
-            raise ValueError(f"expected 4 feature maps with channels {self.in_channels}, got channels {channels}")
-        if target_sizes is not None and len(target_sizes) != 4:
-            raise ValueError(f"target_sizes needs one (H, W) per level (4), got {list(target_sizes)}")
+            raise ValueError(f"expected {len(self.in_channels)} feature maps with channels {self.in_channels}, got "
+                             f"channels {channels}")
 
-        # Top-down: coarsest (PPM on C5) first, each finer lateral adds the upsampled coarser map.
+        # Top-down: coarsest (PPM) first, each finer lateral adds the upsampled coarser map.
         merged = [self.ppm(features[-1])]
         for lateral, f in zip(reversed(self.lateral), reversed(features[:-1]), strict=True):
             x = lateral(f)
             merged.append(x + _resize(merged[-1], x.shape[-2:]))
         merged.reverse()  # finest first
-        outs = [conv(x) for conv, x in zip(self.fpn_out, merged[:-1], strict=True)] + [merged[-1]]
-
-        preds = [head(x) for head, x in zip(self.head, outs, strict=True)]
-        if target_sizes is not None:
-            preds = [_resize(p, size) for p, size in zip(preds, target_sizes, strict=True)]
-        return preds
+        last = len(merged) - 1
+        return [head(merged[i] if i == last else self.fpn_out[str(i)](merged[i]))
+                for i, head in ((int(k), h) for k, h in self.head.items())]

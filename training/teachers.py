@@ -173,7 +173,7 @@ class _TapError(ValueError):
 def probe_taps(
     unet: nn.Module, names: Sequence[str], latent_factor: int = 1, prompt_shape: tuple[int, ...] | None = None
 ) -> tuple[tuple[Tap, ...], str]:
-    """(taps finest first, the name of the tap that runs last) from a shape-only forward.
+    """(taps finest first, the tap names in the order they run) from a shape-only forward.
 
     The forward runs on a copy of the UNet built on the meta device (no memory, no compute); should an op lack a
     meta kernel, the real UNet is probed at batch 1. Strides are image-relative (x `latent_factor`).
@@ -203,7 +203,7 @@ def probe_taps(
             f"teacher taps must sit at distinct strides (features are keyed by stride), got "
             f"{[(t.name, t.stride) for t in taps]}"
         )
-    return tuple(taps), order[-1]
+    return tuple(taps), tuple(order)
 
 
 def _dry_run(unet, names, device, size, prompt_shape) -> tuple[dict[str, tuple], list[str]]:
@@ -334,11 +334,12 @@ class FrozenTeacher:
 
         self._names = resolve_tap_names(unet, taps, output_blocks)
         prompt_shape = None if self.prompt_embedding is None else tuple(self.prompt_embedding.shape)
-        self.taps, self._last_tap = probe_taps(unet, self._names, self.latent_factor, prompt_shape)
+        self.taps, self._run_order = probe_taps(unet, self._names, self.latent_factor, prompt_shape)
+        self._last_tap = self._run_order[-1]
         self._store: dict[str, Tensor] | None = None  # hooks record only while this is a dict
         self._stop_after: str | None = None
         modules = dict(unet.named_modules())
-        self._hooks = [modules[n].register_forward_hook(self._make_hook(n)) for n in self._names]
+        self._hooks = {n: modules[n].register_forward_hook(self._make_hook(n)) for n in self._names}
         self.to(self.device)
 
     # -- bookkeeping
@@ -367,6 +368,20 @@ class FrozenTeacher:
         self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
         if self.prompt_embedding is not None:
             self.prompt_embedding = self.prompt_embedding.to(self.device)
+        return self
+
+    def keep_strides(self, strides: Sequence[int]) -> FrozenTeacher:
+        """Compute only the taps at `strides` (those paired with the student): the others' hooks are removed and
+        the UNet stops after the last kept tap, so an unused fine level costs nothing."""
+        missing = sorted(set(strides) - set(self.strides))
+        if missing:
+            raise ValueError(f"teacher has no tap at stride(s) {missing}; its taps are at strides {list(self.strides)}")
+        for tap in self.taps:
+            if tap.stride not in strides:
+                self._hooks.pop(tap.name).remove()
+        self.taps = tuple(t for t in self.taps if t.stride in strides)
+        self._names = tuple(t.name for t in self.taps)
+        self._last_tap = [n for n in self._run_order if n in self._names][-1]
         return self
 
     def __repr__(self) -> str:
@@ -822,7 +837,8 @@ def describe_taps(teacher: FrozenTeacher, image_size: int | Sequence[int]) -> st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Print a frozen teacher's feature-tap layout.")
+    parser = argparse.ArgumentParser(
+        description="Print a frozen teacher's feature-tap layout and, with a student, which tap feeds which level.")
     parser.add_argument("--recipe", help="take the teacher config from this recipe (flags below override it)")
     parser.add_argument("--kind", choices=("unet", "adm", "latent"))
     parser.add_argument("--source", help="diffusers folder, Hub id, or (adm) guided-diffusion .pt")
@@ -832,6 +848,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--encoding", choices=("noise", "ddim"))
     parser.add_argument("--resolution", type=int)
     parser.add_argument("--image-size", type=int, help="image size to report shapes for (default: the recipe's)")
+    parser.add_argument("--student", help="timm architecture to pair the taps with (default: the recipe's arch)")
     parser.add_argument(
         "--store-empty-prompt-embedding", metavar="DIR",
         help="compute the empty-prompt embedding of the SD pipeline in DIR and store it there, then exit",
@@ -841,10 +858,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.store_empty_prompt_embedding:
         print(store_empty_prompt_embedding(args.store_empty_prompt_embedding))
         return 0
-    base, image_size = None, args.image_size
+    base, image_size, pairs = None, args.image_size, ()
     if args.recipe:
         recipe = get_recipe(args.recipe)
-        base, image_size = recipe.teacher, image_size or recipe.data.input_size[-1]
+        base, image_size, pairs = recipe.teacher, image_size or recipe.data.input_size[-1], recipe.pairs
+    student = args.student or (recipe.arch if args.recipe else None)
     if base is None and (args.kind is None or args.source is None):
         parser.error("give --recipe, or --kind and --source")
     overrides = {
@@ -861,7 +879,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(describe_taps(teacher, image_size or teacher.size_multiple * 4))
+    image_size = image_size or teacher.size_multiple * 4
+    print(describe_taps(teacher, image_size))
+    if student:
+        from training.pairing import describe_pairs, pair_levels
+        from training.regressor import build_student, student_levels
+
+        levels = student_levels(build_student(student), student)
+        paired, notes = pair_levels(levels, dict(zip(teacher.strides, teacher.channels, strict=True)), pairs)
+        print(f"\nstudent {student} (levels at strides {sorted(levels)}) <- teacher taps, by stride "
+              f"({'the recipe' if pairs else 'automatic'} pairing):\n")
+        print("\n".join([describe_pairs(paired, image_size), *notes]))
     return 0
 
 
