@@ -5,8 +5,10 @@
 
 Variants (interleaved A B C D per round, medians): the student's bare forward+backward+step; the teacher's
 feature extraction; teacher + student step (the irreducible work); the full step as training/pretrain.py runs it
-(teacher, student, regressor, losses, optimizer). The overhead the regressor + losses add over teacher + student
-is the figure of merit (target: under 15%).
+(teacher, student, regressor, losses, optimizer; only the paired teacher taps); the same under bf16 autocast where
+the CPU has native bf16; and lightly's SimCLR step on the same backbone and batch (two views per image). Figures of
+merit: the regressor + losses overhead over teacher + student (target: under 15%) and DreamTeacher's source
+images/s against SimCLR's (target: at least 0.75x).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-simclr", action="store_true", help="skip the lightly SimCLR reference step")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a recipe field (as training/pretrain.py --set), e.g. --set 'pairs=((4,4),(8,8))'")
     args = p.parse_args(argv)
@@ -85,6 +88,19 @@ def main(argv: list[str] | None = None) -> None:
 
     variants = {"student fwd+bwd+step": student_step, "teacher features": teacher_only,
                 "teacher + student": teacher_and_student, "full distillation step": full_step}
+    if not args.no_simclr:  # the peer at the same backbone, batch and threads: two views per source image
+        from benchmarks.ssl_baselines import build_ssl_model, sgd_lr
+
+        simclr = build_ssl_model("simclr", build_student(recipe.arch))
+        simclr_opt = torch.optim.SGD(simclr.parameters(), lr=sgd_lr(args.batch), momentum=0.9)
+        views = (images, images.flip(-1))
+
+        def simclr_step():
+            simclr.training_loss(*views, 0, 1).backward()
+            simclr_opt.step()
+            simclr_opt.zero_grad()
+
+        variants["lightly SimCLR step (2 views, same batch)"] = simclr_step
     drift = None
     if native_bf16_cpu():  # what `accelerate launch --mixed_precision bf16` runs: student and teacher autocast
         teacher_bf16 = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, dtype=torch.bfloat16)
@@ -112,6 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, seconds in medians.items():
         print(f"| {name} | {seconds * 1e3:.0f} | {args.batch / seconds:.0f} | {seconds / base:.2f} |")
     share = medians["teacher features"] / medians["full distillation step"]
+    simclr_s = medians.get("lightly SimCLR step (2 views, same batch)")
+    if simclr_s:
+        print(f"DreamTeacher / SimCLR source images per second: {simclr_s / medians['full distillation step']:.2f}x "
+              "(compute only: both get ready-made batches)")
     overhead = medians["full distillation step"] / base - 1
     print(f"\nregressor + losses overhead over teacher + student: {100 * overhead:.1f}%; "
           f"teacher share of the full step: {100 * share:.0f}%")

@@ -44,7 +44,7 @@ VARIANTS = {
     "t_10": ["--set", "teacher.timestep=10"],
     "t_150": ["--set", "teacher.timestep=150"],
 }
-PROTOCOL_KEYS = ("linear", "knn", "fine-tune 1%", "fine-tune 10%")
+PROTOCOL_KEYS = ("linear probe", "kNN k=20", "fine-tune 1%", "fine-tune 10%")
 
 
 def parse_args(argv=None):

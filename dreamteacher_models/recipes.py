@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import fnmatch
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -255,8 +256,58 @@ def _build(cls, values: dict, path: str):
         ftype = _field_type(cls, name)
         if dataclasses.is_dataclass(ftype):
             kwargs[name] = _build(ftype, value, f"{path}{name}.")
-        elif isinstance(value, list):
-            kwargs[name] = _tuples(value)  # JSON has no tuples; recipes are frozen and hashable
-        else:
-            kwargs[name] = value
+        else:  # JSON has no tuples; recipes are frozen and hashable
+            kwargs[name] = _checked(_tuples(value) if isinstance(value, list) else value, ftype, path + name)
     return cls(**kwargs)
+
+
+def _checked(value, ftype, where: str):
+    """`value` if it is of the field's declared type (an int where a float is declared becomes a float), else a
+    ValueError naming the field, the value and what is allowed."""
+    origin, args = typing.get_origin(ftype), typing.get_args(ftype)
+    ok, cast = False, value
+    if origin is Literal:
+        ok = value in args
+    elif origin in (typing.Union, types.UnionType):
+        for option in args:
+            if option is type(None) and value is None:
+                return None
+            if option is not type(None):
+                try:
+                    return _checked(value, option, where)
+                except ValueError:
+                    continue
+    elif origin is tuple:
+        if isinstance(value, tuple):
+            items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+            if len(items) == len(value):
+                cast = tuple(_checked(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items, strict=True)))
+                ok = True
+    elif ftype is bool:
+        ok = isinstance(value, bool)
+    elif ftype is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif ftype is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        cast = float(value) if ok else value
+    elif ftype is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ValueError(f"recipe field {where}={value!r} is not {_describe(ftype)}")
+    return cast
+
+
+def _describe(ftype) -> str:
+    origin, args = typing.get_origin(ftype), typing.get_args(ftype)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a tuple of {_describe(args[0])} (e.g. (1, 2))"
+        return f"a tuple of {len(args)}: ({', '.join(_describe(a) for a in args)})"
+    return {bool: "a bool (True or False)", int: "an int", float: "a number", str: "a string",
+            type(None): "None"}.get(ftype, str(ftype))

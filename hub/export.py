@@ -29,6 +29,7 @@ from dreamteacher_models.recipes import Recipe, get_recipe, recipe_from_dict
 from .model_card import Results, render_model_card
 
 RESOLVED_RECIPE_FILENAME = "recipe.json"  # the trainer writes the resolved recipe under this name
+EXPORT_FILES = {WEIGHTS_FILENAME, "config.json", "README.md", "SHA256SUMS", RESOLVED_RECIPE_FILENAME}
 CHECKPOINTS_DIR = "checkpoints"  # the trainer writes complete checkpoints as checkpoints/step_N (atomic rename)
 STUDENT_PREFIX = "student."  # the trainer's module holds the backbone as `.student`, the regressor beside it
 
@@ -129,6 +130,7 @@ def export_for_hub(
     model = load_student(recipe, weights)
 
     out_dir = Path(out_dir)
+    refuse_foreign_folder(out_dir, EXPORT_FILES, "a previous export (hub/export.py)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -145,6 +147,21 @@ def export_for_hub(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def refuse_foreign_folder(folder: Path, own_names: set[str], what: str) -> None:
+    """An export replaces its target folder whole: refuse one that holds anything an export does not write, so a
+    user's files are never deleted."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder; choose another output folder")
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in own_names)
+    if foreign:
+        raise FileExistsError(
+            f"refusing to replace {folder}: it is not {what} and holds {', '.join(foreign[:8])}"
+            f"{' ...' if len(foreign) > 8 else ''}; choose an empty or new output folder (nothing was changed)"
+        )
 
 
 def _check_no_pickles(folder: Path) -> None:
@@ -168,7 +185,9 @@ def _replace_dir(new: Path, target: Path) -> None:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="training run dir, checkpoint dir or .safetensors file")
-    parser.add_argument("--out", required=True, help="folder to write (replaced atomically if it exists)")
+    parser.add_argument("--out", required=True,
+                        help="folder to write (a previous export there is replaced atomically; any other content "
+                             "makes the export refuse)")
     parser.add_argument("--recipe", help="recipe name; default: the resolved recipe saved by the training run")
     parser.add_argument("--results", help="JSON {protocol: {metric: value}} (e.g. training/evaluate.py output)")
     parser.add_argument("--results-note", default="", help="one line under the results table: command, machine")
@@ -182,4 +201,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from training.cli import run
+
+    run(main)

@@ -79,4 +79,6 @@ def main(argv: list[str] | None = None) -> str | None:
 
 
 if __name__ == "__main__":
-    main()
+    from training.cli import run
+
+    run(main)

@@ -177,3 +177,19 @@ def test_publish_refuses_a_tampered_export(exported, tmp_path):
     (copy / "SHA256SUMS").write_text("0" * 64 + "  model.safetensors\n")
     with pytest.raises(ValueError, match="does not match its SHA256SUMS"):
         publish(copy, repo_id="x/y")
+
+
+def test_export_never_deletes_a_users_files(tmp_path):
+    """Export replaces a previous export whole, but refuses a folder holding anything else, and changes nothing."""
+    weights = {f"student.{k}": v for k, v in _trained_student("resnet18.dreamteacher_fmnist").state_dict().items()}
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"refusing to replace .*out.*notes\.txt.*nothing was changed"):
+        export_for_hub(weights, target, recipe="resnet18.dreamteacher_fmnist")
+    assert (target / "notes.txt").read_text() == "mine" and sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    fresh = export_for_hub(weights, tmp_path / "new", recipe="resnet18.dreamteacher_fmnist")
+    again = export_for_hub(weights, fresh, recipe="resnet18.dreamteacher_fmnist")  # a previous export: replaced
+    assert sorted(p.name for p in again.iterdir()) == ["README.md", "SHA256SUMS", "config.json", "model.safetensors",
+                                                       "recipe.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind

@@ -111,12 +111,13 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
     def loss_turning_nan(*args, **kwargs):
         calls["n"] += 1
         losses = real_loss(*args, **kwargs)
-        if calls["n"] > 4:  # micro-batches 5+: optimizer step 3 onwards
+        if calls["n"] == 5:  # only the FIRST of step 3's two micro-batches: the last one's loss is finite
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
     monkeypatch.setattr(pretrain, "distillation_loss", loss_turning_nan)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3.*step_2"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3 \(micro-batch 5\); stopped before the "
+                                                 r"optimizer step.*step_2"):
         pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "6", "--checkpoint-every", "2"))
     good = tmp_path / "run" / "checkpoints" / "step_2"
     assert all(torch.isfinite(v).all() for v in _weights(good).values())
@@ -137,6 +138,14 @@ def test_bad_inputs_give_clear_errors(tmp_path, teacher_dir, idx_dir):
         pretrain.main(_args(tmp_path / "c", teacher_dir, idx_dir, "--per-device-batch-size", "3"))
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         pretrain.main(_args(tmp_path / "d", tmp_path / "does-not-exist", idx_dir))
+
+
+def test_data_that_gives_no_batch_fails_instead_of_looping_forever(tmp_path, teacher_dir, idx_dir):
+    with pytest.raises(ValueError, match=r"3 training images are fewer than one micro-batch of 4 x 1 processes"):
+        pretrain.main(_args(tmp_path / "a", teacher_dir, idx_dir, "--limit-images", "3", "--max-steps", "2"))
+    broken = write_image_folder(tmp_path / "broken", n=0, corrupt=8)
+    with pytest.raises(ValueError, match=r"no usable micro-batch: 8 images, micro-batch 4 x 1 processes.*8 unreadable"):
+        pretrain.main(_args(tmp_path / "b", teacher_dir, broken, "--max-steps", "2"))
 
 
 def _accelerate(*launch_args: str, cwd: Path, tmp_path: Path, teacher_dir: Path, idx_dir: Path, steps: int = 2):
@@ -180,3 +189,17 @@ def test_no_argument_default_uses_the_fmnist_recipe_and_the_committed_teacher(tm
     assert recipe["teacher"]["source"] == "teachers/ddpm-fashion-mnist-32" and recipe["arch"] == "resnet18"
     model = timm.create_model(f"local-dir:{tmp_path / out / 'export'}", pretrained=True).eval()
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 512)
+
+
+@pytest.mark.parametrize("script", ["training/pretrain.py", "training/train_teacher.py",
+                                    "training/evaluate.py --model resnet18 --random-init"])
+def test_command_line_user_errors_are_one_line_with_status_2(script, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("DREAMTEACHER_TRACEBACK", None)
+    script, *extra = script.split()
+    result = subprocess.run([sys.executable, str(REPO / script), *extra, "--recipe", "resnet51.dreamteacher_in1k"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"{Path(script).name}: error: unknown DreamTeacher recipe 'resnet51.dreamteacher_in1k'")
+    assert "Traceback" not in result.stderr

@@ -107,6 +107,48 @@ def test_bad_arguments_are_rejected(idx_dir, tmp_path):
                             "--resume", str(tmp_path / "nope"), *TINY])
 
 
+def test_teacher_export_refuses_a_folder_with_a_users_files_before_training(idx_dir, tmp_path):
+    target = tmp_path / "teachers" / "mine"
+    target.mkdir(parents=True)
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"not a previous teacher export.*notes\.txt"):
+        train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
+                            "--export-dir", str(target), *TINY])
+    assert (target / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_unreadable_data_fails_instead_of_looping_forever(tmp_path):
+    from tests.tiny import write_image_folder
+
+    broken = write_image_folder(tmp_path / "broken", n=0, corrupt=8)
+    with pytest.raises(ValueError, match=r"no training step: 8 images, batch 8 x 1 accumulation, 8 unreadable"):
+        train_teacher.main(["--data-dir", str(broken), "--output-dir", str(tmp_path / "run"), "--max-steps", "2",
+                            *TINY])
+
+
+def test_nan_loss_stops_before_the_optimizer_step(idx_dir, tmp_path, monkeypatch):
+    import torch.nn.functional as F
+
+    calls = {"n": 0}
+
+    class NanOnSecondStep:
+        def __getattr__(self, name):
+            return getattr(F, name)
+
+        def mse_loss(self, *args, **kwargs):
+            calls["n"] += 1
+            loss = F.mse_loss(*args, **kwargs)
+            return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(train_teacher, "F", NanOnSecondStep())
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2; stopped before the optimizer step.*"
+                                                 r"checkpoint_0"):
+        train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "3",
+                            "--checkpoint-every", "1", *TINY])
+    assert not (tmp_path / "run" / "export").exists()
+
+
 def test_script_entry_point_imports_from_any_cwd(tmp_path):
     """`python training/train_teacher.py` (and `accelerate launch`) put training/, not the repo, on sys.path."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

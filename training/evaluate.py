@@ -757,4 +757,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from training.cli import run
+
+    run(main)

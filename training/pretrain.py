@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import time
 
@@ -231,6 +230,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     # -- data and schedule length
     dataset, num_images = build_data(args, recipe, accelerator)
+    if num_images is not None and num_images < micro_batch * accelerator.num_processes:
+        raise ValueError(f"{num_images} training images are fewer than one micro-batch of {micro_batch} x "
+                         f"{accelerator.num_processes} processes; add images, or lower --batch-size / "
+                         f"--per-device-batch-size")
     loader = build_dataloader(dataset, micro_batch, shuffle=True, seed=args.seed, num_workers=args.num_workers)
     steps_per_epoch = num_images // recipe.optim.batch_size if num_images else None
     if args.max_steps:
@@ -268,6 +271,7 @@ def main(argv: list[str] | None = None) -> Path:
     noise = torch.Generator(device=accelerator.device)
     while state.step < total_steps:
         loader.set_epoch(state.epoch)
+        full_epoch, usable = state.batch_in_epoch == 0, 0
         batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         for batch in batches:
             state.batch_in_epoch += 1
@@ -276,6 +280,7 @@ def main(argv: list[str] | None = None) -> Path:
             if images.shape[0] == 0:  # vanishingly rare; under DDP the other ranks would wait at the next sync
                 logger.warning("a whole micro-batch of unreadable images was skipped")
                 continue
+            usable += images.shape[0]
             if fixed_images is None:
                 fixed_images = images[: args.feature_images].clone()
             if args.channels_last:
@@ -290,6 +295,15 @@ def main(argv: list[str] | None = None) -> Path:
             t1 = time.perf_counter()
             with accelerator.accumulate(model):
                 losses = distillation_loss(model(images), teacher_maps, pairs, recipe.loss)
+                # every micro-batch, on every rank, before its gradient can reach the weights
+                finite = torch.isfinite(losses["loss"].detach()).float().reshape(1)
+                if not accelerator.gather(finite).all():
+                    last = latest_checkpoint(output_dir)
+                    raise FloatingPointError(
+                        f"non-finite loss at step {state.step + 1} (micro-batch {state.micro_step}); stopped before "
+                        f"the optimizer step, without saving. Last checkpoint (finite weights): {last or 'none'}. "
+                        f"Lower the learning rate (--lr) or run in fp32 (--mixed_precision no), then "
+                        f"--resume {last or 'latest'}")
                 accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients and recipe.optim.grad_clip:
                     accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
@@ -305,13 +319,6 @@ def main(argv: list[str] | None = None) -> Path:
             state.step += 1
             logged = {k: v.detach() for k, v in losses.items() if "/" not in k}
             gathered = {k: accelerator.gather(v).mean().item() for k, v in logged.items()}
-            if not all(math.isfinite(v) for v in gathered.values()):
-                last = latest_checkpoint(output_dir)
-                raise FloatingPointError(
-                    f"non-finite loss at step {state.step}: {gathered}; stopped without saving. Last good checkpoint: "
-                    f"{last or 'none'}. Lower the learning rate (--lr) or run in fp32 (--mixed_precision no), then "
-                    f"--resume {last or 'latest'}"
-                )
             elapsed = time.perf_counter() - window["start"]
             images_per_s = window["images"] / max(elapsed, 1e-9)
             progress.update(1)
@@ -332,6 +339,11 @@ def main(argv: list[str] | None = None) -> Path:
             if state.step >= total_steps:
                 break
         else:
+            if full_epoch and not usable:  # an epoch without one usable micro-batch would loop forever
+                raise ValueError(
+                    f"a whole pass over the data gave no usable micro-batch: {num_images} images, micro-batch "
+                    f"{micro_batch} x {accelerator.num_processes} processes (incomplete batches are dropped), "
+                    f"{state.skipped} unreadable; add images or lower --per-device-batch-size")
             state.epoch += 1
             state.batch_in_epoch = 0
     progress.close()
@@ -370,4 +382,6 @@ def save_feature_picture(accelerator, teacher, model, images, checkpoint: Path, 
 
 
 if __name__ == "__main__":
-    main()
+    from training.cli import run
+
+    run(main)

@@ -900,4 +900,6 @@ def _replace(config: TeacherConfig, overrides: dict) -> TeacherConfig:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.cli import run
+
+    sys.exit(run(main))

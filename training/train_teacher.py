@@ -45,6 +45,7 @@ from dreamteacher_models.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
 from training import data  # noqa: E402
 
 logger = logging.getLogger("train_teacher")
+TEACHER_EXPORT_FILES = {"model_index.json", "unet", "scheduler", "samples.png", "README.md"}
 
 
 def _int_list(s: str) -> tuple[int, ...]:
@@ -208,7 +209,10 @@ def export_teacher(unet, ema, noise_scheduler, export_dir: Path, fp16: bool, gri
     """Write the EMA weights as a diffusers DDPMPipeline folder, atomically (temp dir, then rename)."""
     from diffusers import DDPMPipeline, UNet2DModel
 
+    from hub.export import refuse_foreign_folder
+
     export_dir = Path(export_dir)
+    refuse_foreign_folder(export_dir, TEACHER_EXPORT_FILES, "a previous teacher export (train_teacher.py)")
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     model = UNet2DModel.from_config(unet.config)
     ema.copy_to(model.parameters())
@@ -282,6 +286,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     output_dir = Path(args.output_dir)
+    export_dir = Path(args.export_dir) if args.export_dir else output_dir / "export"
+    from hub.export import refuse_foreign_folder
+
+    # checked now, not after hours of training: the export replaces its folder whole
+    refuse_foreign_folder(export_dir, TEACHER_EXPORT_FILES, "a previous teacher export (train_teacher.py)")
     project_config = ProjectConfiguration(
         project_dir=str(output_dir), logging_dir=str(output_dir / "logs"),
         automatic_checkpoint_naming=True, total_limit=args.checkpoints_total_limit,
@@ -392,6 +401,7 @@ def main(argv: list[str] | None = None) -> Path:
         if skip:
             active = accelerator.skip_first_batches(loader, skip * args.gradient_accumulation_steps)
             active.set_epoch(epoch)
+        step_at_start = state.step
         for batch in active:
             n_skipped = int(batch["num_skipped"])
             state.skipped += n_skipped
@@ -405,6 +415,12 @@ def main(argv: list[str] | None = None) -> Path:
             with accelerator.accumulate(unet):
                 pred = unet(noisy, t, return_dict=False)[0]
                 loss = F.mse_loss(pred.float(), noise.float())
+                if not accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).all():
+                    ckpts = _checkpoint_dirs(output_dir)
+                    raise FloatingPointError(
+                        f"non-finite loss at step {state.step + 1}; stopped before the optimizer step, without "
+                        f"saving. Last checkpoint (finite weights): {ckpts[-1] if ckpts else 'none'}. Lower --lr or "
+                        "use --mixed-precision no, then --resume latest")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -444,9 +460,12 @@ def main(argv: list[str] | None = None) -> Path:
                 last_grid = checkpoint_and_sample(state.step, do_ckpt, do_sample) or last_grid
             if done:
                 break
+        if state.step == step_at_start and not done:  # a pass with no optimizer step would repeat forever
+            raise ValueError(f"a pass over the data gave no training step: {len(train_ds)} images, batch "
+                             f"{args.batch_size} x {args.gradient_accumulation_steps} accumulation, {state.skipped} "
+                             "unreadable; add readable images or lower --batch-size")
     progress.close()
 
-    export_dir = Path(args.export_dir) if args.export_dir else output_dir / "export"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if last_grid is None:  # resumed at max_steps: nothing ran; sample the restored EMA for the export
@@ -460,4 +479,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from training.cli import run
+
+    run(main)
