@@ -142,7 +142,7 @@ def export_for_hub(
         card = render_model_card(recipe, params_m=params_m, sha256=digest, results=results, results_note=results_note)
         card.save(staging / "README.md")
         (staging / RESOLVED_RECIPE_FILENAME).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-        _replace_dir(staging, out_dir)
+        replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -170,7 +170,7 @@ def _check_no_pickles(folder: Path) -> None:
         raise RuntimeError(f"export produced pickle files {pickles}; only safetensors may be shipped")
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
     """Move `new` to `target`, replacing an existing folder with no moment where neither is complete."""
     if target.exists():
         old = target.with_name(f".{target.name}.old")

@@ -203,3 +203,18 @@ def test_command_line_user_errors_are_one_line_with_status_2(script, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith(f"{Path(script).name}: error: unknown DreamTeacher recipe 'resnet51.dreamteacher_in1k'")
     assert "Traceback" not in result.stderr
+
+
+def test_checkpoint_saves_replace_atomically_and_clean_leftovers(tmp_path, teacher_dir, idx_dir, caplog):
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        pretrain.main(_args(run, teacher_dir, idx_dir, "--max-steps", "2", "--resume", "latest", "--no-export"))
+    assert "--resume latest: no checkpoint" in caplog.text and "starting from scratch" in caplog.text
+    before = _weights(run / "checkpoints" / "step_2")
+    (run / "checkpoints" / ".tmp_step_7").mkdir()  # what a save killed half-way leaves behind
+    (run / "checkpoints" / ".tmp_step_7" / "model.safetensors").write_bytes(b"partial")
+    pretrain.main(_args(run, teacher_dir, idx_dir, "--max-steps", "2", "--resume", "latest", "--no-export"))
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step_2"]  # re-saved in place, leftovers and the replaced copy gone
+    after = _weights(run / "checkpoints" / "step_2")
+    assert all(torch.equal(before[k], after[k]) for k in before)

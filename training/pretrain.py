@@ -42,7 +42,7 @@ from dreamteacher_models.recipes import (
     recipe_fields,
     recipe_from_dict,
 )
-from hub.export import CHECKPOINTS_DIR, RESOLVED_RECIPE_FILENAME, export_for_hub, latest_checkpoint
+from hub.export import CHECKPOINTS_DIR, RESOLVED_RECIPE_FILENAME, export_for_hub, latest_checkpoint, replace_dir
 from training.data import (
     ImageDataset,
     StreamingImageDataset,
@@ -155,13 +155,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
     final = output_dir / CHECKPOINTS_DIR / f"step_{step}"
     staging = output_dir / CHECKPOINTS_DIR / f".tmp_step_{step}"
     if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
+        for leftover in final.parent.glob(".tmp_step_*"):  # a killed save's partial folder
+            shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
+        replace_dir(staging, final)  # an existing step_N stays complete until the new one takes its name
         steps = sorted((p for p in final.parent.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
         for old in steps[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -173,7 +173,11 @@ def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
     if not resume:
         return None
     if resume == "latest":
-        return latest_checkpoint(output_dir)
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            logger.warning("--resume latest: no checkpoint in %s/%s; starting from scratch", output_dir,
+                           CHECKPOINTS_DIR)
+        return found
     path = Path(resume)
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (expected {path}/model.safetensors)")
