@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX512-BF16 and AMX; Arm's "bf16" feature
 
@@ -51,4 +50,3 @@ def cpu_threads_per_process() -> int:
 
 if __name__ == "__main__":
     print("bf16" if native_bf16_cpu() else "no")
-    sys.exit(0)

@@ -51,12 +51,6 @@ def student_levels(model: nn.Module, arch: str = "model") -> dict[int, tuple[int
     return {s: (i, model.feature_info[i]["num_chs"]) for s, i in zip(strides, indices, strict=True)}
 
 
-def pyramid_taps(model: nn.Module, arch: str = "model") -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(feature_info indices, channels) of C2..C5 (strides 4, 8, 16, 32)."""
-    levels = student_levels(model, arch)
-    return tuple(levels[s][0] for s in PYRAMID_STRIDES), tuple(levels[s][1] for s in PYRAMID_STRIDES)
-
-
 def student_pyramid(model: nn.Module, images: Tensor, indices: Sequence[int]) -> list[Tensor]:
     """The timm model's feature maps at `indices`, in order: (B, 3, H, W) -> [(B, C_i, H/s_i, W/s_i)]."""
     return model.forward_intermediates(images, indices=list(indices), intermediates_only=True)
@@ -148,6 +142,8 @@ class FeatureRegressor(nn.Module):
             x = lateral(f)
             merged.append(x + _resize(merged[-1], x.shape[-2:]))
         merged.reverse()  # finest first
-        last = len(merged) - 1
-        return [head(merged[i] if i == last else self.fpn_out[str(i)](merged[i]))
-                for i, head in ((int(k), h) for k, h in self.head.items())]
+        preds = []
+        for key, head in self.head.items():  # paired levels, finest first
+            x = merged[int(key)]
+            preds.append(head(self.fpn_out[key](x) if key in self.fpn_out else x))  # the coarsest: PPM output as is
+        return preds

@@ -172,7 +172,7 @@ class _TapError(ValueError):
 
 def probe_taps(
     unet: nn.Module, names: Sequence[str], latent_factor: int = 1, prompt_shape: tuple[int, ...] | None = None
-) -> tuple[tuple[Tap, ...], str]:
+) -> tuple[tuple[Tap, ...], tuple[str, ...]]:
     """(taps finest first, the tap names in the order they run) from a shape-only forward.
 
     The forward runs on a copy of the UNet built on the meta device (no memory, no compute); should an op lack a
