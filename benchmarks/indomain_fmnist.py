@@ -3,32 +3,44 @@
     python benchmarks/indomain_fmnist.py                                   # 6 min per method, full evaluation
     python benchmarks/indomain_fmnist.py --budget-minutes 0.5 --max-train 2000 --max-test 1000 --tag quick
     python benchmarks/indomain_fmnist.py --methods dreamteacher --set teacher.timestep=250 --tag t250
+    python benchmarks/indomain_fmnist.py --budget-minutes 30 --tag b30_full --resume \
+        --methods dreamteacher:0,simclr:0,byol:0,random,pixels,dreamteacher-recipe,dreamteacher:1,simclr:1
 
 Every backbone is timm `resnet18` (num_classes=0), trained and evaluated on the same 32x32 RGB Fashion-MNIST train
 split with the recipe's normalisation (resnet18.dreamteacher_fmnist; `--set` overrides apply to the whole comparison:
-the DreamTeacher run, the teacher reference and the data):
+the DreamTeacher run, the teacher reference and the data). Every backbone starts from the recipe's init (its
+`zero_init_last`, False for the Fashion-MNIST recipe, so random init is a random-feature floor, not a near-identity):
 
 * random      no pretraining (seeded init): the floor.
+* pixels      no network: the normalised 3x32x32 pixels, flattened (linear probe and kNN only): a reference.
 * simclr      lightly's SimCLR (benchmarks/ssl_baselines.py: heads, NTXentLoss, SimCLRTransform at 32 px, SGD).
 * byol        lightly's BYOL (same file: heads, momentum encoder with a cosine momentum schedule, BYOLTransform).
 * dreamteacher  training/pretrain.py with the recipe and its teacher (`--teacher`, default the recipe's source).
+* dreamteacher-recipe  the same at the recipe's own length (the main job's budget), not the benchmark's budget.
 * teacher     reference, not a backbone: the frozen teacher's features at the recipe's timestep, each tap globally
               average-pooled and concatenated, then the same linear probe and kNN (no fine-tune: it is frozen).
 
-Fair budget, by wall clock: each pretraining method first runs `--calibration-steps` steps (its own loop, its data
-loading included) to measure its median seconds per step (the first step, with start-up, is left out), then is
-given steps = floor(budget / seconds-per-step) so it runs a complete LR schedule of that length from a fresh
-init. The table reports the measured loop time, steps and source images/s (SimCLR/BYOL draw 2 augmented views per
-image; DreamTeacher's step includes the teacher's forward). All methods use the same batch (`--batch-size`, default
-the recipe's 256) and the same DataLoader workers. Start-up, checkpointing and export are excluded from the loop
-time (the JSON has the whole wall time too).
+`--methods` lists entries `method[:seed]` (seed defaults to `--seed`), run in the order given, so the most wanted
+come first; a method given with several seeds also gets a mean row. The seed sets the init, the data order and
+the fine-tuning heads.
+
+Fair budget, by wall clock: before any training, each budgeted method (simclr, byol, dreamteacher) runs
+`--calibration-steps` steps (its own loop, its data loading included) to measure its median seconds per step (the
+first step, with start-up, is left out); each of its entries then gets steps = floor(budget / seconds-per-step)
+and runs a complete LR schedule of that length from a fresh init. Calibrating all methods up front, one after the
+other, keeps them measured under the same load; the training itself then does a fixed number of steps, so a
+busy host changes its wall time, not its result. The table reports the steps, the loop time and source images/s
+(SimCLR/BYOL draw 2 augmented views per image; DreamTeacher's step includes the teacher's forward) and, for
+DreamTeacher, the teacher's own training cost (from the teacher folder's README). All methods use the same batch
+(`--batch-size`, default the recipe's) and the same DataLoader workers, and every core (`--threads`, default all).
 
 Evaluation: training/evaluate.py's `evaluate` with all protocols (linear probe, kNN k=20, fine-tune with 1% and 10%
 of the labels) on Fashion-MNIST train -> t10k; `--max-train/--max-test` subsample both (seeded) for quick runs.
 
 Output: one markdown table and a machine line on stdout, and `<out-dir>/<tag>.md` + `<out-dir>/<tag>.json` (raw
-numbers, settings, per-method calibration and the full evaluation reports), rewritten after every method so an
-interrupted run keeps what it finished. Trained backbones and the DreamTeacher run folder go to `<work-dir>/<tag>/`.
+numbers, settings, calibration and the full evaluation reports), rewritten after every entry so an interrupted run
+keeps what it finished; `--resume` continues such a run: finished entries and the calibration are kept, the rest
+runs (the settings must match). Trained backbones and DreamTeacher run folders go to `<work-dir>/<tag>/`.
 """
 
 from __future__ import annotations
@@ -56,10 +68,17 @@ from benchmarks.common import machine_facts, matmul_gflops  # noqa: E402
 from dreamteacher_models.recipes import DEFAULT_RECIPE, Recipe, apply_overrides, get_recipe  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("random", "simclr", "byol", "dreamteacher", "teacher")
-PRETRAINED = ("simclr", "byol", "dreamteacher")
-LABELS = {"random": "random init", "simclr": "SimCLR (lightly)", "byol": "BYOL (lightly)",
-          "dreamteacher": "DreamTeacher", "teacher": "teacher features (reference)"}
+METHODS = ("random", "pixels", "simclr", "byol", "dreamteacher", "dreamteacher-recipe", "teacher")
+BUDGETED = ("simclr", "byol", "dreamteacher")  # sized by the calibrated budget
+PRETRAINED = (*BUDGETED, "dreamteacher-recipe")
+FROZEN_REFERENCES = ("pixels", "teacher")  # linear probe and kNN only
+LABELS = {"random": "random init", "pixels": "raw pixels (reference)", "simclr": "SimCLR (lightly)",
+          "byol": "BYOL (lightly)", "dreamteacher": "DreamTeacher",
+          "dreamteacher-recipe": "DreamTeacher at the recipe's length (main job)",
+          "teacher": "teacher features (reference)"}
+# settings a --resume must share with the run it continues
+RESUME_SETTINGS = ("budget_minutes", "batch_size", "num_workers", "calibration_steps", "recipe", "overrides",
+                   "teacher", "timestep", "data", "pretrain_images", "max_train", "max_test", "ft_epochs", "threads")
 DEFAULT_OUT_DIR = "benchmarks/results/indomain_fmnist"
 DEFAULT_WORK_DIR = "runs/bench_indomain_fmnist"
 
@@ -70,19 +89,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-minutes", type=float, default=6.0,
                    help="wall-clock pretraining budget per method, in minutes (default 6)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--methods", default=",".join(m for m in METHODS if m != "dreamteacher-recipe"),
+                   help=f"comma-separated entries method[:seed], run in this order; methods: {','.join(METHODS)} "
+                        "(default: all but dreamteacher-recipe, seed --seed)")
     p.add_argument("--teacher", help="DreamTeacher teacher folder (default: the recipe's teacher.source)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="recipe override, repeatable (e.g. --set teacher.timestep=250); passed to the DreamTeacher "
                         "run and used for the teacher reference and the data")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe (default {DEFAULT_RECIPE})")
-    p.add_argument("--seed", type=int, default=0, help="seed for inits, data order, subsets (default 0)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of entries given without one, and of calibration and evaluation subsets (default 0)")
+    p.add_argument("--threads", type=int, help="torch threads for every method (default: every core)")
     p.add_argument("--tag", help="name of this run's outputs (default: budget<M>min_seed<S>[_<overrides>])")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run of this tag: keep its finished entries and calibration")
     p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"table + JSON folder (default {DEFAULT_OUT_DIR})")
     p.add_argument("--work-dir", default=DEFAULT_WORK_DIR,
-                   help=f"trained backbones and the DreamTeacher run (default {DEFAULT_WORK_DIR})")
+                   help=f"trained backbones and the DreamTeacher runs (default {DEFAULT_WORK_DIR})")
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: the recipe's, i.e. the Debian folder)")
     d.add_argument("--pretrain-images", type=int, help="pretrain on the first N train images only (default: all)")
@@ -99,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
-        args.method_list = parse_methods(args.methods)
+        args.entries = parse_entries(args.methods, args.seed)
     except ValueError as err:
         p.error(str(err))
     if args.budget_minutes <= 0:
@@ -114,12 +137,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def parse_methods(text: str) -> list[str]:
-    items = [m.strip().lower() for m in text.split(",") if m.strip()]
-    bad = [m for m in items if m not in METHODS]
-    if bad or not items:
-        raise ValueError(f"unknown method(s) {bad or text!r}; choose from {','.join(METHODS)}")
-    return [m for m in METHODS if m in items]  # canonical order
+def parse_entries(text: str, default_seed: int) -> list[tuple[str, int]]:
+    """'dreamteacher:0,simclr,random' -> [(method, seed), ...] in the given order, duplicates dropped."""
+    entries: list[tuple[str, int]] = []
+    for item in (i.strip().lower() for i in text.split(",") if i.strip()):
+        method, _, seed = item.partition(":")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r} in --methods; choose from {','.join(METHODS)}")
+        try:
+            entry = (method, int(seed) if seed else default_seed)
+        except ValueError:
+            raise ValueError(f"bad seed {seed!r} in --methods entry {item!r}; expected method:INTEGER") from None
+        if entry not in entries:
+            entries.append(entry)
+    if not entries:
+        raise ValueError(f"--methods is empty; choose from {','.join(METHODS)}")
+    return entries
+
+
+def entry_key(method: str, seed: int) -> str:
+    return f"{method}/seed{seed}"
 
 
 def default_tag(args: argparse.Namespace) -> str:
@@ -136,15 +173,39 @@ def resolve_teacher_source(args: argparse.Namespace, recipe: Recipe) -> str:
     return source
 
 
+def teacher_training_cost(source: str) -> str | None:
+    """'<wall time> on <machine>' from the `| wall time |` and `| machine |` rows of the teacher folder's README
+    (written by training/train_teacher.py), or None where the folder has no such README."""
+    readme = Path(source) / "README.md"
+    if not readme.is_file():
+        return None
+    rows = dict(re.findall(r"^\| (wall time|machine) \| (.+?) \|$", readme.read_text(), flags=re.M))
+    if "wall time" not in rows:
+        return None
+    machine = rows.get("machine", "").split(",")[0].strip()
+    return f"{rows['wall time']} on {machine}" if machine else rows["wall time"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Pretraining
 
 
 def fresh_backbone(recipe: Recipe, seed: int) -> nn.Module:
-    from training.regressor import build_student
+    from training.distiller import build_recipe_student
 
     torch.manual_seed(seed)
-    return build_student(recipe.arch)
+    return build_recipe_student(recipe)
+
+
+class RawPixels(nn.Module):
+    """The normalised image itself, flattened: the no-learning reference for the frozen-feature protocols."""
+
+    def __init__(self, input_size: tuple[int, int, int]):
+        super().__init__()
+        self.num_features = math.prod(input_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
 
 
 def load_pretrain_images(args: argparse.Namespace, recipe: Recipe):
@@ -160,26 +221,33 @@ def steps_for_budget(seconds_per_step: float, budget_s: float) -> int:
     return max(1, math.floor(budget_s / seconds_per_step))
 
 
-def pretrain_ssl(method: str, args, recipe: Recipe, hf_train, batch_size: int, budget_s: float, device: str,
-                 work: Path) -> tuple[nn.Module, dict[str, Any]]:
-    from benchmarks.ssl_baselines import sgd_lr, train_ssl
+def _ssl_kwargs(args, recipe: Recipe, batch_size: int, device: str, seed: int) -> dict[str, Any]:
+    return dict(batch_size=batch_size, input_size=recipe.data.input_size[-1], mean=recipe.data.mean,
+                std=recipe.data.std, seed=seed, num_workers=args.num_workers, device=device,
+                progress=not args.no_progress)
 
-    kw = dict(batch_size=batch_size, input_size=recipe.data.input_size[-1], mean=recipe.data.mean,
-              std=recipe.data.std, seed=args.seed, num_workers=args.num_workers, device=device,
-              progress=not args.no_progress)
+
+def calibrate_ssl(method: str, args, recipe: Recipe, hf_train, batch_size: int, device: str) -> float:
+    """Median seconds per step of `method`'s own loop, the first (start-up) step left out."""
+    from benchmarks.ssl_baselines import train_ssl
+
     calib = train_ssl(method, fresh_backbone(recipe, args.seed), hf_train, steps=args.calibration_steps,
-                      desc=f"{method} calibration", **kw)
-    sec_per_step = statistics.median(calib["step_s"][1:])
-    steps = steps_for_budget(sec_per_step, budget_s)
-    logger.info("%s: %.3f s/step measured -> %d steps for %.0f s", method, sec_per_step, steps, budget_s)
-    backbone = fresh_backbone(recipe, args.seed)
-    t0 = time.perf_counter()
-    out = train_ssl(method, backbone, hf_train, steps=steps, desc=method, **kw)
-    wall_s = time.perf_counter() - t0
-    folder = work / method
-    folder.mkdir(parents=True, exist_ok=True)
+                      desc=f"{method} calibration", **_ssl_kwargs(args, recipe, batch_size, device, args.seed))
+    return statistics.median(calib["step_s"][1:])
+
+
+def pretrain_ssl(method: str, seed: int, steps: int, args, recipe: Recipe, hf_train, batch_size: int, device: str,
+                 folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     import safetensors.torch
 
+    from benchmarks.ssl_baselines import sgd_lr, train_ssl
+
+    backbone = fresh_backbone(recipe, seed)
+    t0 = time.perf_counter()
+    out = train_ssl(method, backbone, hf_train, steps=steps, desc=f"{method} seed {seed}",
+                    **_ssl_kwargs(args, recipe, batch_size, device, seed))
+    wall_s = time.perf_counter() - t0
+    folder.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file({k: v.contiguous() for k, v in backbone.state_dict().items()},
                                 str(folder / "backbone.safetensors"))
     info = {"steps": steps, "batch_size": batch_size, "images": out["images"], "views": out["views"],
@@ -188,15 +256,17 @@ def pretrain_ssl(method: str, args, recipe: Recipe, hf_train, batch_size: int, b
             "optimizer": f"SGD lr {sgd_lr(batch_size):g} (0.06 x batch/128) momentum 0.9 wd 5e-4, "
                          "10% warm-up + cosine",
             "median_step_s": round(statistics.median(out["step_s"]), 4),
-            "calibration": {"steps": args.calibration_steps, "seconds_per_step": round(sec_per_step, 4)},
             "weights": str(folder / "backbone.safetensors")}
     return backbone, info
 
 
-def _dreamteacher_argv(args, batch_size: int, output_dir: Path, steps: int, teacher: str) -> list[str]:
-    argv = ["--recipe", args.recipe, "--output-dir", str(output_dir), "--max-steps", str(steps),
-            "--batch-size", str(batch_size), "--num-workers", str(args.num_workers), "--seed", str(args.seed),
+def _dreamteacher_argv(args, seed: int, batch_size: int, output_dir: Path, steps: int | None, teacher: str,
+                       threads: int) -> list[str]:
+    argv = ["--recipe", args.recipe, "--output-dir", str(output_dir), "--batch-size", str(batch_size),
+            "--num-workers", str(args.num_workers), "--seed", str(seed), "--threads", str(threads),
             "--checkpoint-every", "0", "--log-every", "1", "--teacher", teacher]
+    if steps is not None:
+        argv += ["--max-steps", str(steps)]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
     if args.pretrain_images:
@@ -206,44 +276,51 @@ def _dreamteacher_argv(args, batch_size: int, output_dir: Path, steps: int, teac
     return argv
 
 
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _step_seconds(run_dir: Path, batch_size: int) -> list[float]:
     """Each optimizer step's wall time, from the run's metrics.jsonl written with --log-every 1."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [batch_size / row["images_per_s"] for row in lines]
+    return [batch_size / row["images_per_s"] for row in _metrics(run_dir)]
 
 
-def pretrain_dreamteacher(args, recipe: Recipe, batch_size: int, budget_s: float, teacher: str, work: Path,
-                          num_images: int) -> tuple[nn.Module, dict[str, Any]]:
+def calibrate_dreamteacher(args, batch_size: int, teacher: str, threads: int, work: Path) -> float:
     from training import pretrain
-    from training.evaluate import load_backbone
 
     calib_dir = work / "dreamteacher_calibration"
     shutil.rmtree(calib_dir, ignore_errors=True)
-    pretrain.main(_dreamteacher_argv(args, batch_size, calib_dir, args.calibration_steps, teacher)
-                  + ["--no-export", "--feature-images", "0"])
+    pretrain.main(_dreamteacher_argv(args, args.seed, batch_size, calib_dir, args.calibration_steps, teacher,
+                                     threads) + ["--no-export", "--feature-images", "0"])
     sec_per_step = statistics.median(_step_seconds(calib_dir, batch_size)[1:])
     shutil.rmtree(calib_dir, ignore_errors=True)
-    steps = steps_for_budget(sec_per_step, budget_s)
-    logger.info("dreamteacher: %.3f s/step measured -> %d steps for %.0f s", sec_per_step, steps, budget_s)
+    return sec_per_step
 
-    run_dir = work / "dreamteacher"
+
+def pretrain_dreamteacher(seed: int, steps: int | None, args, recipe: Recipe, batch_size: int, teacher: str,
+                          threads: int, run_dir: Path, num_images: int) -> tuple[nn.Module, dict[str, Any]]:
+    """training/pretrain.py for `steps` steps (None: the recipe's own length) from a fresh run folder."""
+    from training import pretrain
+    from training.evaluate import load_backbone
+
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run (metrics.jsonl is appended to)
     t0 = time.perf_counter()
-    pretrain.main(_dreamteacher_argv(args, batch_size, run_dir, steps, teacher) + ["--feature-images", "4"])
+    pretrain.main(_dreamteacher_argv(args, seed, batch_size, run_dir, steps, teacher, threads)
+                  + ["--feature-images", "4"])
     wall_s = time.perf_counter() - t0
     step_s = _step_seconds(run_dir, batch_size)
     train_s = sum(step_s)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     backbone = load_backbone(None, checkpoint=run_dir / "export", recipe=recipe)
     info = {"steps": len(step_s), "batch_size": batch_size, "images": len(step_s) * batch_size,
             "epochs": round(len(step_s) * batch_size / num_images, 3),
             "train_s": round(train_s, 2), "wall_s": round(wall_s, 2),
-            "images_per_s": round(len(step_s) * batch_size / train_s, 2), "final_loss": metrics[-1]["loss/loss"],
+            "images_per_s": round(len(step_s) * batch_size / train_s, 2),
+            "final_loss": _metrics(run_dir)[-1]["loss/loss"],
             "optimizer": f"{recipe.optim.optimizer} lr {recipe.optim.lr:g} wd {recipe.optim.weight_decay:g} "
-                         f"betas {tuple(recipe.optim.betas)}, 10% warm-up + cosine (the recipe)",
+                         f"betas {tuple(recipe.optim.betas)}, warm-up + cosine (the recipe)",
             "median_step_s": round(statistics.median(step_s), 4),
-            "calibration": {"steps": args.calibration_steps, "seconds_per_step": round(sec_per_step, 4)},
-            "teacher": teacher, "timestep": recipe.teacher.timestep, "run_dir": str(run_dir)}
+            "teacher": teacher, "teacher_training": teacher_training_cost(teacher),
+            "timestep": recipe.teacher.timestep, "run_dir": str(run_dir)}
     return backbone, info
 
 
@@ -284,31 +361,53 @@ def protocol_keys(k: int = 20) -> tuple[str, ...]:
     return ("linear probe", f"kNN k={k}", *(fraction_key(f) for f in DEFAULT_FRACTIONS))
 
 
+def _scores(entry: dict[str, Any]) -> dict[str, float]:
+    return {k: v["top1"] for k, v in (entry.get("evaluation") or {}).get("results", {}).items()}
+
+
+def _cost_cells(method: str, pre: dict[str, Any]) -> list[str]:
+    """pretraining loop time, teacher training, steps, images/s."""
+    if method in PRETRAINED:
+        return [f"{pre['train_s']:.0f} s" if "train_s" in pre else "—", pre.get("teacher_training") or "—",
+                str(pre.get("steps", "—")), _fmt(pre.get("images_per_s"), ".0f")]
+    if method == "teacher":
+        return ["—", pre.get("teacher_training") or "—", "—", "—"]
+    return ["0 s", "—", "0", "—"]
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """One row per entry, in the order run, then a mean row (both values in brackets) per method with 2+ seeds."""
     keys = protocol_keys()
-    lines = ["| method | pretraining wall time | steps | images/s | linear top-1 | kNN top-1 | fine-tune 1% | "
-             "fine-tune 10% |", "|---|---|---|---|---|---|---|---|"]
-    for method in METHODS:
-        if method not in results:
+    lines = ["| method | seed | pretraining loop | teacher training | steps | images/s | linear top-1 | kNN top-1 | "
+             "fine-tune 1% | fine-tune 10% |", "|---|---|---|---|---|---|---|---|---|---|"]
+    by_method: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for entry in results.values():
+        method, seed = entry["method"], entry["seed"]
+        by_method.setdefault(method, []).append((seed, entry))
+        scores = _scores(entry)
+        lines.append(f"| {LABELS[method]} | {seed} | " + " | ".join(_cost_cells(method, entry.get("pretrain") or {}))
+                     + " | " + " | ".join(_fmt(scores.get(k)) for k in keys) + " |")
+    for method, runs in by_method.items():
+        if len(runs) < 2:
             continue
-        row = results[method]
-        pre = row.get("pretrain") or {}
-        scores = (row.get("evaluation") or {}).get("results", {})
-        if method in PRETRAINED:
-            wall = f"{pre['train_s']:.0f} s" if "train_s" in pre else "—"
-            steps, speed = str(pre.get("steps", "—")), _fmt(pre.get("images_per_s"), ".0f")
-        else:
-            wall, steps, speed = ("0 s", "0", "—") if method == "random" else ("—", "—", "—")
-        cells = [_fmt(scores.get(key, {}).get("top1")) for key in keys]
-        lines.append(f"| {LABELS[method]} | {wall} | {steps} | {speed} | " + " | ".join(cells) + " |")
+        cells = []
+        for k in keys:
+            values = [_scores(e)[k] for _, e in runs if k in _scores(e)]
+            cells.append(f"**{statistics.mean(values):.2f}** ({', '.join(f'{v:.2f}' for v in values)})"
+                         if values else "—")
+        seeds = ",".join(str(s) for s, _ in runs)
+        lines.append(f"| {LABELS[method]}, mean | {seeds} | | | | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def settings_line(report: dict[str, Any]) -> str:
     s = report["settings"]
     ev = s.get("evaluation", {})
-    return (f"budget {s['budget_minutes']:g} min per method, batch {s['batch_size']}, {s['num_workers']} workers, "
-            f"seed {s['seed']}, recipe {s['recipe']} (teacher {s['teacher']}, t={s['timestep']}"
+    calib = ", ".join(f"{m} {c['seconds_per_step']:.3f} s/step -> {c['steps']} steps"
+                      for m, c in report.get("calibration", {}).items())
+    return (f"budget {s['budget_minutes']:g} min per method ({calib or 'no budgeted method'}), batch "
+            f"{s['batch_size']}, {s['num_workers']} workers, {s['threads']} threads, recipe {s['recipe']} "
+            f"(teacher {s['teacher']}, t={s['timestep']}"
             + (f", overrides {' '.join(s['overrides'])}" if s["overrides"] else "") + "); evaluation on "
             f"{ev.get('train_images', '?')} train / {ev.get('test_images', '?')} test images")
 
@@ -316,7 +415,7 @@ def settings_line(report: dict[str, Any]) -> str:
 def machine_line(report: dict[str, Any]) -> str:
     m = report["machine"]
     probes = ", ".join(f"{g:.0f}" for g in m["matmul_gflops"])
-    return f"machine: {m['facts']}; fp32 matmul probe {probes} GFLOP/s (start, end)"
+    return f"machine: {m['facts']}; fp32 matmul probe {probes} GFLOP/s (start of each session, end)"
 
 
 def render(report: dict[str, Any]) -> str:
@@ -335,6 +434,23 @@ def write_report(report: dict[str, Any], out_dir: Path, tag: str) -> tuple[Path,
     return md, js
 
 
+def resumed_report(report: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`report` with the finished entries and calibration of the earlier run at `path`; refuses other settings."""
+    old = json.loads(path.read_text())
+    new_settings = json.loads(json.dumps(report["settings"], default=str))
+    diffs = [f"{k}: {old['settings'].get(k)!r} then, {new_settings.get(k)!r} now" for k in RESUME_SETTINGS
+             if old["settings"].get(k) != new_settings.get(k)]
+    if diffs:
+        raise SystemExit(f"--resume: {path} was run with other settings ({'; '.join(diffs)}); "
+                         "use another --tag or the same settings")
+    report["methods"] = old["methods"]
+    report["calibration"] = old.get("calibration", {})
+    report["machine"]["matmul_gflops"] = old["machine"]["matmul_gflops"] + report["machine"]["matmul_gflops"]
+    if old["machine"]["facts"] != report["machine"]["facts"]:
+        report["machine"]["facts"] += f" (earlier entries: {old['machine']['facts']})"
+    return report
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Main
 
@@ -342,11 +458,11 @@ def write_report(report: dict[str, Any], out_dir: Path, tag: str) -> tuple[Path,
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
     from training.evaluate import evaluate
+    from training.hardware import cpu_threads_per_process
 
+    threads = args.threads or cpu_threads_per_process()
+    torch.set_num_threads(threads)
     base = get_recipe(args.recipe)
     recipe = apply_overrides(base, args.overrides)
     teacher_source = resolve_teacher_source(args, recipe)
@@ -356,73 +472,101 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tag = args.tag or default_tag(args)
     work = Path(args.work_dir) / tag
     work.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out_dir)
     budget_s = 60.0 * args.budget_minutes
+    methods = {m for m, _ in args.entries}
     eval_kw: dict[str, Any] = dict(recipe=recipe, data_dir=args.data_dir, max_train=args.max_train,
-                                   max_test=args.max_test, seed=args.seed, device=device,
-                                   progress=not args.no_progress)
+                                   max_test=args.max_test, device=device, progress=not args.no_progress)
     if args.ft_epochs:
         eval_kw["ft_epochs"] = args.ft_epochs
 
     report: dict[str, Any] = {
         "tag": tag,
-        "settings": {"budget_minutes": args.budget_minutes, "methods": args.method_list, "batch_size": batch_size,
-                     "num_workers": args.num_workers, "calibration_steps": args.calibration_steps,
-                     "seed": args.seed, "recipe": recipe.name, "overrides": args.overrides,
-                     "teacher": teacher_source, "timestep": recipe.teacher.timestep,
+        "settings": {"budget_minutes": args.budget_minutes, "entries": [entry_key(*e) for e in args.entries],
+                     "batch_size": batch_size, "num_workers": args.num_workers, "threads": threads,
+                     "calibration_steps": args.calibration_steps, "seed": args.seed, "recipe": recipe.name,
+                     "overrides": args.overrides, "teacher": teacher_source, "timestep": recipe.teacher.timestep,
                      "data": args.data_dir or recipe.data.name, "pretrain_images": args.pretrain_images,
+                     "max_train": args.max_train, "max_test": args.max_test, "ft_epochs": args.ft_epochs,
                      "input_size": list(recipe.data.input_size), "arch": recipe.arch, "device": device,
+                     "zero_init_last": recipe.zero_init_last,
                      "budget_rule": "steps = floor(budget / median calibrated seconds per step), full LR schedule"},
-        "machine": {"facts": machine_facts(), "threads": threads, "torch": torch.__version__,
+        "machine": {"facts": machine_facts(), "torch": torch.__version__,
                     "matmul_gflops": [round(matmul_gflops(), 1)]},
+        "calibration": {},
         "methods": {},
     }
-    logger.info("in-domain benchmark %s: methods %s, %.1f min per pretraining method, %s", tag,
-                ",".join(args.method_list), args.budget_minutes, report["machine"]["facts"])
-    hf_train = load_pretrain_images(args, recipe) if set(args.method_list) & set(PRETRAINED) else None
+    if args.resume and (out_dir / f"{tag}.json").is_file():
+        report = resumed_report(report, out_dir / f"{tag}.json")
+        logger.info("resuming %s: %d entries finished", tag, len(report["methods"]))
+    logger.info("in-domain benchmark %s: %s, %.1f min per budgeted method, %d threads, %s", tag,
+                ",".join(report["settings"]["entries"]), args.budget_minutes, threads, report["machine"]["facts"])
+    hf_train = load_pretrain_images(args, recipe) if methods & set(PRETRAINED) else None
     teacher = None
-    if set(args.method_list) & {"dreamteacher", "teacher"}:  # fail now, not after an hour, if it is missing
+    if methods & {"dreamteacher", "dreamteacher-recipe", "teacher"}:  # fail now, not after an hour, if missing
         from training.teachers import build_teacher
 
         teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, device=device)
         logger.info("teacher: %s", teacher)
 
     t_start = time.perf_counter()
-    for method in args.method_list:
+    for method in (m for m in BUDGETED if m in methods and m not in report["calibration"]):
+        if method == "dreamteacher":
+            sec = calibrate_dreamteacher(args, batch_size, teacher_source, threads, work)
+            torch.set_num_threads(threads)  # whatever the trainer's Accelerator did
+        else:
+            sec = calibrate_ssl(method, args, recipe, hf_train, batch_size, device)
+        report["calibration"][method] = {"steps_timed": args.calibration_steps, "seconds_per_step": round(sec, 4),
+                                         "steps": steps_for_budget(sec, budget_s)}
+        logger.info("%s: %.3f s/step measured -> %d steps for %.0f s", method, sec,
+                    report["calibration"][method]["steps"], budget_s)
+        write_report(report, out_dir, tag)
+
+    for method, seed in args.entries:
+        key = entry_key(method, seed)
+        if key in report["methods"]:
+            logger.info("%s: finished in an earlier session, kept", key)
+            continue
         t0 = time.perf_counter()
-        entry: dict[str, Any] = {}
-        if method == "teacher":
-            module = PooledTeacherFeatures(teacher, seed=args.seed)
-            entry["pretrain"] = {"teacher": teacher_source, "timestep": recipe.teacher.timestep,
-                                 "taps": [f"{t.name}@stride{t.stride}x{t.channels}" for t in teacher.taps],
-                                 "feature_dim": module.num_features}
-            evaluation = evaluate(module, protocols="linear,knn", **eval_kw)
+        entry: dict[str, Any] = {"method": method, "seed": seed}
+        folder = work / key.replace("/", "_")
+        if method in FROZEN_REFERENCES:
+            if method == "teacher":
+                module = PooledTeacherFeatures(teacher, seed=seed)
+                entry["pretrain"] = {"teacher": teacher_source, "timestep": recipe.teacher.timestep,
+                                     "taps": [f"{t.name}@stride{t.stride}x{t.channels}" for t in teacher.taps],
+                                     "teacher_training": teacher_training_cost(teacher_source),
+                                     "feature_dim": module.num_features}
+            else:
+                module = RawPixels(tuple(recipe.data.input_size))
+                entry["pretrain"] = {"feature_dim": module.num_features}
+            evaluation = evaluate(module, protocols="linear,knn", seed=seed, **eval_kw)
         else:
             if method == "random":
-                backbone = fresh_backbone(recipe, args.seed)
+                backbone = fresh_backbone(recipe, seed)
                 entry["pretrain"] = {"steps": 0, "images": 0, "train_s": 0.0}
             elif method in ("simclr", "byol"):
-                backbone, entry["pretrain"] = pretrain_ssl(method, args, recipe, hf_train, batch_size, budget_s,
-                                                           device, work)
+                backbone, entry["pretrain"] = pretrain_ssl(method, seed, report["calibration"][method]["steps"],
+                                                           args, recipe, hf_train, batch_size, device, folder)
             else:
-                backbone, entry["pretrain"] = pretrain_dreamteacher(args, recipe, batch_size, budget_s,
-                                                                    teacher_source, work, len(hf_train))
-                torch.set_num_threads(threads)  # whatever the trainer's Accelerator did
-            evaluation = evaluate(backbone.eval(), **eval_kw)
+                steps = report["calibration"]["dreamteacher"]["steps"] if method == "dreamteacher" else None
+                backbone, entry["pretrain"] = pretrain_dreamteacher(seed, steps, args, recipe, batch_size,
+                                                                    teacher_source, threads, folder, len(hf_train))
+                torch.set_num_threads(threads)
+            evaluation = evaluate(backbone.eval(), seed=seed, **eval_kw)
         entry["evaluation"] = evaluation
         entry["seconds"] = round(time.perf_counter() - t0, 1)
-        report["methods"][method] = entry
+        report["methods"][key] = entry
         report["settings"]["evaluation"] = {k: evaluation["settings"][k]
                                             for k in ("train_images", "test_images", "fine_tune", "knn")}
-        report["seconds_total"] = round(time.perf_counter() - t_start, 1)
-        write_report(report, Path(args.out_dir), tag)
-        logger.info("%s done in %.0f s: %s", method, entry["seconds"],
-                    {k: v["top1"] for k, v in evaluation["results"].items()})
+        report["seconds_total"] = round(report.get("seconds_total", 0.0) + entry["seconds"], 1)
+        write_report(report, out_dir, tag)
+        logger.info("%s done in %.0f s: %s", key, entry["seconds"], _scores(entry))
 
     report["machine"]["matmul_gflops"].append(round(matmul_gflops(), 1))
-    report["seconds_total"] = round(time.perf_counter() - t_start, 1)
-    md, js = write_report(report, Path(args.out_dir), tag)
+    md, js = write_report(report, out_dir, tag)
     print("\n" + render(report))
-    print(f"wrote {md} and {js} ({report['seconds_total']:.0f} s in all)")
+    print(f"wrote {md} and {js} (this session: {time.perf_counter() - t_start:.0f} s)")
     return report
 
 

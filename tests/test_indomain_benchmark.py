@@ -19,33 +19,36 @@ def test_indomain_benchmark_tiny(tmp_path, capsys):
     write_fashion_mnist(data, n=32, seed=1, split="test")
     teacher = make_tiny_teacher(tmp_path / "teacher")
     out_dir = tmp_path / "out"
+    methods = list(bench.METHODS)
     report = bench.main([
         "--budget-minutes", "0.02", "--calibration-steps", "2", "--batch-size", "16", "--threads", "1",
         "--data-dir", str(data), "--teacher", str(teacher), "--max-train", "64", "--max-test", "32",
         "--ft-epochs", "2", "--out-dir", str(out_dir), "--work-dir", str(tmp_path / "work"), "--tag", "tiny",
-        "--no-progress", "--set", "teacher.timestep=100",
+        "--no-progress", "--set", "teacher.timestep=100", "--methods", ",".join(methods),
     ])
 
     keys = bench.protocol_keys()
     assert keys == ("linear probe", "kNN k=20", "fine-tune 1%", "fine-tune 10%")
     saved = json.loads((out_dir / "tiny.json").read_text())
-    assert list(saved["methods"]) == list(bench.METHODS)
+    assert list(saved["methods"]) == [f"{m}/seed0" for m in methods]
     assert saved["settings"]["timestep"] == 100 and saved["settings"]["overrides"] == ["teacher.timestep=100"]
-    for method in bench.METHODS:
-        results = saved["methods"][method]["evaluation"]["results"]
-        expected = keys[:2] if method == "teacher" else keys
+    for method in methods:
+        results = saved["methods"][f"{method}/seed0"]["evaluation"]["results"]
+        expected = keys[:2] if method in bench.FROZEN_REFERENCES else keys
         assert list(results) == list(expected), method
         assert all(0 <= results[k]["top1"] <= 100 for k in expected)
-    for method in bench.PRETRAINED:
-        pre = saved["methods"][method]["pretrain"]
-        assert pre["steps"] >= 1 and pre["images"] == pre["steps"] * 16 and pre["images_per_s"] > 0
-        assert pre["calibration"]["seconds_per_step"] > 0
-    assert saved["methods"]["dreamteacher"]["pretrain"]["timestep"] == 100
-    assert (tmp_path / "work" / "tiny" / "dreamteacher" / "export" / "model.safetensors").is_file()
+    for method in bench.BUDGETED:
+        pre = saved["methods"][f"{method}/seed0"]["pretrain"]
+        calibration = saved["calibration"][method]
+        assert pre["steps"] == calibration["steps"] >= 1 and calibration["seconds_per_step"] > 0
+        assert pre["images"] == pre["steps"] * 16 and pre["images_per_s"] > 0
+    assert saved["methods"]["dreamteacher/seed0"]["pretrain"]["timestep"] == 100
+    assert (tmp_path / "work" / "tiny" / "dreamteacher_seed0" / "export" / "model.safetensors").is_file()
+    assert saved["methods"]["pixels/seed0"]["pretrain"]["feature_dim"] == 3 * 32 * 32
 
     table = (out_dir / "tiny.md").read_text()
-    for label in bench.LABELS.values():
-        assert f"| {label} |" in table
+    for method in methods:
+        assert f"| {bench.LABELS[method]} | 0 |" in table
     for header in ("linear top-1", "kNN top-1", "fine-tune 1%", "fine-tune 10%", "images/s", "steps"):
         assert header in table
     assert "machine: torch" in table
@@ -58,4 +61,39 @@ def test_indomain_benchmark_rejects_unknown_method():
 
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "random,moco"])
-    assert bench.parse_methods("teacher,random") == ["random", "teacher"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "simclr:one"])
+    assert bench.parse_entries("teacher,random:3,teacher:0", 0) == [("teacher", 0), ("random", 3)]
+
+
+def test_indomain_table_has_a_mean_row_per_method_with_two_seeds():
+    from benchmarks import indomain_fmnist as bench
+
+    def entry(method, seed, top1):
+        keys = bench.protocol_keys()
+        return {"method": method, "seed": seed, "pretrain": {"train_s": 10.0, "steps": 5, "images_per_s": 64.0},
+                "evaluation": {"results": {k: {"top1": top1} for k in keys}}}
+
+    table = bench.format_table({"dreamteacher/seed0": entry("dreamteacher", 0, 80.0),
+                                "simclr/seed0": entry("simclr", 0, 70.0),
+                                "dreamteacher/seed1": entry("dreamteacher", 1, 84.0)})
+    assert "| DreamTeacher, mean | 0,1 | | | | | **82.00** (80.00, 84.00) |" in table
+    assert "SimCLR (lightly), mean" not in table
+
+
+def test_indomain_resume_refuses_other_settings_and_keeps_finished_entries(tmp_path):
+    from benchmarks import indomain_fmnist as bench
+
+    settings = {k: 1 for k in bench.RESUME_SETTINGS}
+    old = {"settings": settings, "methods": {"random/seed0": {"method": "random"}}, "calibration": {"simclr": {}},
+           "machine": {"facts": "cpu A", "matmul_gflops": [10.0, 11.0]}}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(old))
+    fresh = {"settings": dict(settings), "methods": {}, "calibration": {},
+             "machine": {"facts": "cpu A", "matmul_gflops": [12.0]}}
+    resumed = bench.resumed_report(fresh, path)
+    assert resumed["methods"] == old["methods"] and resumed["calibration"] == {"simclr": {}}
+    assert resumed["machine"]["matmul_gflops"] == [10.0, 11.0, 12.0]
+    fresh["settings"]["batch_size"] = 2
+    with pytest.raises(SystemExit, match="batch_size: 1 then, 2 now"):
+        bench.resumed_report(fresh, path)

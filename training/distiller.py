@@ -34,14 +34,19 @@ class Distiller(nn.Module):
         return self.regressor(student_pyramid(self.student, images, self.indices))
 
 
+def build_recipe_student(recipe: Recipe) -> nn.Module:
+    """The recipe's headless student at its init (timm's, with the recipe's `zero_init_last` where it sets one)."""
+    init = {} if recipe.zero_init_last is None else {"zero_init_last": recipe.zero_init_last}
+    return build_student(recipe.arch, **init)
+
+
 def build_distiller(recipe: Recipe, teacher_channels: Mapping[int, int]) -> tuple[Distiller, list[str]]:
     """(the student + regressor for `recipe`, notes on teacher taps left out), levels paired by stride.
 
     `teacher_channels`: {tap stride: channels} of the teacher's taps. The pairing is the recipe's `pairs`, or the
     automatic rule of training/pairing.py when the recipe declares none.
     """
-    init = {} if recipe.zero_init_last is None else {"zero_init_last": recipe.zero_init_last}
-    student = build_student(recipe.arch, **init)
+    student = build_recipe_student(recipe)
     levels = student_levels(student, recipe.arch)
     pairs, notes = pair_levels(levels, teacher_channels, recipe.pairs)
     target_of = {p.student_stride: p.teacher_channels for p in pairs}
