@@ -289,13 +289,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Map-style torch view of a `datasets.Dataset`: item ``i`` is ``{"pixel_values": tensor[, "label": int]}``,
-    or ``None`` when the image cannot be decoded (logged as a warning naming the file or index)."""
+    """Map-style torch view of a `datasets.Dataset`: item ``i`` is ``{"pixel_values": tensor[, "label": int]
+    [, "index": i]}`` (the index with `return_index`, for the teacher-feature cache), or ``None`` when the image
+    cannot be decoded (logged as a warning naming the file or index)."""
 
-    def __init__(self, hf_dataset, transform: Callable, image_key: str = "image", label_key: str | None = "label"):
+    def __init__(self, hf_dataset, transform: Callable, image_key: str = "image", label_key: str | None = "label",
+                 return_index: bool = False):
         import datasets
 
-        self.transform = transform
+        self.transform, self.return_index = transform, return_index
         self.image_key = image_key
         feats = getattr(hf_dataset, "features", None) or {}
         self.label_key = label_key if label_key and label_key in feats else None
@@ -334,6 +336,8 @@ class ImageDataset(torch.utils.data.Dataset):
             out = {"pixel_values": pixels}
             if self.label_key is not None:
                 out["label"] = int(row[self.label_key])
+            if self.return_index:
+                out["index"] = i
             return out
         except Exception as e:  # noqa: BLE001 - any unreadable image is skipped, never fatal
             logger.warning("skipping unreadable image at %s: %s: %s", where, type(e).__name__, e)
@@ -341,7 +345,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def collate_skip_bad(items: list[dict | None]) -> dict:
-    """Stack the good items; ``batch["num_skipped"]`` says how many were dropped (bad images)."""
+    """Stack the good items (``pixel_values``, ``labels``, ``indices`` where the items have them);
+    ``batch["num_skipped"]`` says how many were dropped (bad images)."""
     good = [it for it in items if it is not None]
     batch: dict[str, Any] = {"num_skipped": len(items) - len(good)}
     if not good:
@@ -350,6 +355,8 @@ def collate_skip_bad(items: list[dict | None]) -> dict:
     batch["pixel_values"] = torch.stack([it["pixel_values"] for it in good])
     if "label" in good[0]:
         batch["labels"] = torch.tensor([it["label"] for it in good], dtype=torch.long)
+    if "index" in good[0]:
+        batch["indices"] = torch.tensor([it["index"] for it in good], dtype=torch.long)
     return batch
 
 

@@ -52,6 +52,7 @@ from training.data import (
     split_streaming,
 )
 from training.distiller import build_distiller, distillation_loss
+from training.feature_cache import FeatureCache, cache_key, open_or_build_feature_cache
 from training.hardware import cpu_threads_per_process
 from training.pairing import describe_pairs
 from training.schedule import TrainState, cosine_with_warmup
@@ -81,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     teacher.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"],
                          help="teacher autocast dtype (default: bf16/fp16 when --mixed_precision says so, else fp32)")
     teacher.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU speed-up)")
+    teacher.add_argument("--feature-cache", metavar="DIR",
+                         help="opt-in: read the teacher's features from a cache of K encodings per image at DIR, "
+                              "built there first when missing (training/feature_cache.py: a deviation from the "
+                              "paper's online encoding, for multi-epoch runs on small datasets)")
+    teacher.add_argument("--cache-encodings", type=int, default=2,
+                         help="K, the stochastic encodings cached per image (default 2)")
     run = p.add_argument_group("schedule (defaults from the recipe)")
     run.add_argument("--epochs", type=float, help="training length in epochs")
     run.add_argument("--max-steps", type=int, help="training length in optimizer steps (overrides --epochs)")
@@ -113,8 +120,12 @@ def resolve_recipe(args: argparse.Namespace) -> Recipe:
 
 
 def build_data(args, recipe: Recipe, accelerator: Accelerator):
-    """(dataset, images per epoch or None) with the recipe's training transform; bad images are skipped, counted."""
-    transform = build_transform(recipe.data, train=True)
+    """(dataset, images per epoch or None) with the recipe's training transform; bad images are skipped, counted.
+    With a feature cache, items carry their index and are not flipped (the trainer flips batch and targets)."""
+    cached = bool(args.feature_cache)
+    if cached and args.streaming:
+        raise ValueError("--feature-cache needs indexed data; it cannot be used with --streaming")
+    transform = build_transform(recipe.data, train=True, hflip=False if cached else None)
     source = args.data_dir or args.dataset
     hf = load_image_dataset(source, split="train", recipe_data=recipe.data, streaming=args.streaming)
     if args.streaming:
@@ -124,7 +135,34 @@ def build_data(args, recipe: Recipe, accelerator: Accelerator):
         return StreamingImageDataset(hf, transform), args.limit_images or recipe.data.num_images
     if args.limit_images:
         hf = hf.select(range(min(args.limit_images, len(hf))))
-    return ImageDataset(hf, transform), len(hf)
+    return ImageDataset(hf, transform, return_index=cached), len(hf)
+
+
+def open_feature_cache(args, recipe: Recipe, teacher, dataset, accelerator: Accelerator) -> FeatureCache:
+    """The run's teacher-feature cache, built by the main process when missing while the others wait."""
+    key = cache_key(teacher, dataset, data_source=str(args.data_dir or args.dataset or recipe.data.name),
+                    encodings=args.cache_encodings, flips=recipe.data.hflip, seed=args.seed)
+    cache = None
+    if accelerator.is_main_process:
+        cache = open_or_build_feature_cache(args.feature_cache, teacher, dataset, key, build=True,
+                                            progress=accelerator.is_local_main_process)
+    accelerator.wait_for_everyone()
+    return cache or FeatureCache(args.feature_cache, key)
+
+
+def teacher_targets(teacher, cache: FeatureCache | None, batch: dict, images: torch.Tensor, hflip: bool,
+                    noise: torch.Generator) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """(the images the student sees, the teacher's maps for them): a fresh stochastic encoding online, or with a
+    cache one of each image's K cached encodings, of its mirror image where the trainer flips it."""
+    if cache is None:
+        return images, teacher(images, generator=noise)
+    b = images.shape[0]
+    flips = torch.rand(b, generator=noise, device=noise.device) < 0.5 if hflip else \
+        torch.zeros(b, dtype=torch.bool, device=noise.device)
+    flips = flips.to(images.device)
+    images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
+    encodings = torch.randint(cache.encodings, (b,), generator=noise, device=noise.device)
+    return images, cache.lookup(batch["indices"], encodings, flips, images.device)
 
 
 def teacher_source(recipe: Recipe) -> str:
@@ -238,6 +276,10 @@ def main(argv: list[str] | None = None) -> Path:
         raise ValueError(f"{num_images} training images are fewer than one micro-batch of {micro_batch} x "
                          f"{accelerator.num_processes} processes; add images, or lower --batch-size / "
                          f"--per-device-batch-size")
+    cache = open_feature_cache(args, recipe, teacher, dataset, accelerator) if args.feature_cache else None
+    if cache is not None and accelerator.is_main_process:
+        logger.info("teacher features from the cache %s (%d encodings x %d orientations per image)", cache.folder,
+                    cache.encodings, cache.orientations)
     loader = build_dataloader(dataset, micro_batch, shuffle=True, seed=args.seed, num_workers=args.num_workers)
     steps_per_epoch = num_images // recipe.optim.batch_size if num_images else None
     if args.max_steps:
@@ -285,18 +327,17 @@ def main(argv: list[str] | None = None) -> Path:
                 logger.warning("a whole micro-batch of unreadable images was skipped")
                 continue
             usable += images.shape[0]
-            if fixed_images is None:
-                fixed_images = images[: args.feature_images].clone()
-            if args.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-
             # fresh noise every call, reproducible from (seed, rank, micro-step) so a resumed run draws the same
             noise.manual_seed(args.seed * 1_000_003 + state.micro_step * accelerator.num_processes
                               + accelerator.process_index)
             state.micro_step += 1
             t0 = time.perf_counter()
-            teacher_maps = teacher(images, generator=noise)
+            images, teacher_maps = teacher_targets(teacher, cache, batch, images, recipe.data.hflip, noise)
             t1 = time.perf_counter()
+            if fixed_images is None:
+                fixed_images = images[: args.feature_images].clone()
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):
                 losses = distillation_loss(model(images), teacher_maps, pairs, recipe.loss)
                 # every micro-batch, on every rank, before its gradient can reach the weights
