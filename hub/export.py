@@ -24,48 +24,25 @@ import timm
 import torch
 
 from dreamteacher_models._timm_registry import WEIGHTS_FILENAME, pretrained_cfg_for
-from dreamteacher_models.recipes import Recipe, get_recipe, recipe_from_dict
+from dreamteacher_models.recipes import Recipe, get_recipe
+from training.run_layout import (
+    RESOLVED_RECIPE_FILENAME,
+    find_run_checkpoint,
+    find_run_recipe,
+    make_shareable,
+    refuse_foreign_folder,
+    replace_dir,
+)
 
 from .model_card import Results, render_model_card
 
-RESOLVED_RECIPE_FILENAME = "recipe.json"  # the trainer writes the resolved recipe under this name
 EXPORT_FILES = {WEIGHTS_FILENAME, "config.json", "README.md", "SHA256SUMS", RESOLVED_RECIPE_FILENAME}
-CHECKPOINTS_DIR = "checkpoints"  # the trainer writes complete checkpoints as checkpoints/step_N (atomic rename)
 STUDENT_PREFIX = "student."  # the trainer's module holds the backbone as `.student`, the regressor beside it
 
 
 def build_backbone(recipe: Recipe) -> torch.nn.Module:
     """The headless timm model a recipe describes, carrying the recipe's pretrained_cfg (random weights)."""
     return timm.create_model(recipe.arch, pretrained=False, num_classes=0, pretrained_cfg=pretrained_cfg_for(recipe))
-
-
-def find_run_checkpoint(path: Path) -> Path:
-    """The weights file inside a training run: `path` itself, its model file, or its latest checkpoint's."""
-    if path.is_file():
-        return path
-    if (path / WEIGHTS_FILENAME).is_file():
-        return path / WEIGHTS_FILENAME
-    checkpoint = latest_checkpoint(path)
-    if checkpoint is not None and (checkpoint / WEIGHTS_FILENAME).is_file():
-        return checkpoint / WEIGHTS_FILENAME
-    raise FileNotFoundError(
-        f"no weights found at {path}: expected a .safetensors file, a folder with {WEIGHTS_FILENAME}, "
-        f"or a training run with {CHECKPOINTS_DIR}/step_N/{WEIGHTS_FILENAME}"
-    )
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a training run (incomplete ones are never renamed to step_N)."""
-    steps = [p for p in (Path(run_dir) / CHECKPOINTS_DIR).glob("step_*") if p.name[5:].isdigit()]
-    return max(steps, key=lambda p: int(p.name[5:]), default=None)
-
-
-def find_run_recipe(path: Path) -> Recipe | None:
-    """The resolved recipe a training run wrote, looked for beside the checkpoint and up to the run dir."""
-    for folder in [path if path.is_dir() else path.parent, *path.parents][:4]:
-        if (folder / RESOLVED_RECIPE_FILENAME).is_file():
-            return recipe_from_dict(json.loads((folder / RESOLVED_RECIPE_FILENAME).read_text()))
-    return None
 
 
 def student_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -142,6 +119,7 @@ def export_for_hub(
         card = render_model_card(recipe, params_m=params_m, sha256=digest, results=results, results_note=results_note)
         card.save(staging / "README.md")
         (staging / RESOLVED_RECIPE_FILENAME).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+        make_shareable(staging)
         replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -149,37 +127,10 @@ def export_for_hub(
     return out_dir
 
 
-def refuse_foreign_folder(folder: Path, own_names: set[str], what: str) -> None:
-    """An export replaces its target folder whole: refuse one that holds anything an export does not write, so a
-    user's files are never deleted."""
-    if not folder.exists():
-        return
-    if not folder.is_dir():
-        raise FileExistsError(f"{folder} exists and is not a folder; choose another output folder")
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in own_names)
-    if foreign:
-        raise FileExistsError(
-            f"refusing to replace {folder}: it is not {what} and holds {', '.join(foreign[:8])}"
-            f"{' ...' if len(foreign) > 8 else ''}; choose an empty or new output folder (nothing was changed)"
-        )
-
-
 def _check_no_pickles(folder: Path) -> None:
     pickles = [p.name for p in folder.iterdir() if p.suffix in {".bin", ".pth", ".pt", ".pkl"}]
     if pickles:
         raise RuntimeError(f"export produced pickle files {pickles}; only safetensors may be shipped")
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing an existing folder with no moment where neither is complete."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)
 
 
 def main(argv: list[str] | None = None) -> Path:

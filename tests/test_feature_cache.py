@@ -174,7 +174,7 @@ def test_cached_loss_is_within_the_encoding_noise_of_the_online_loss(built):
 def test_pretrain_with_a_feature_cache_builds_it_once_and_refuses_a_stale_one(tmp_path, teacher_dir, idx_dir, caplog):
     cache_dir = tmp_path / "cache"
     common = ["--teacher", str(teacher_dir), "--data-dir", str(idx_dir), "--batch-size", "8",
-              "--per-device-batch-size", "4", "--num-workers", "0", "--set", "regressor_width=16",
+              "--per-device-batch-size", "4", "--num-workers", "0", "--threads", "1", "--set", "regressor_width=16",
               "--feature-images", "0", "--log-every", "1", "--max-steps", "2", "--no-export",
               "--feature-cache", str(cache_dir), "--cache-encodings", "1"]
     pretrain.main([*common, "--output-dir", str(tmp_path / "a")])

@@ -28,8 +28,10 @@ def idx_dir(tmp_path_factory):
     return write_fashion_mnist(tmp_path_factory.mktemp("fmnist"), n=64)
 
 
-def _args(out, teacher_dir, data_dir, *extra):
-    return ["--teacher", str(teacher_dir), "--data-dir", str(data_dir), "--output-dir", str(out),
+def _args(out, teacher_dir, data_dir, *extra, threads: bool = True):
+    """The trainer on the tiny fixture; one torch thread (see conftest.py) unless `threads` is False."""
+    return [*(["--threads", "1"] if threads else []),
+            "--teacher", str(teacher_dir), "--data-dir", str(data_dir), "--output-dir", str(out),
             "--batch-size", "8", "--per-device-batch-size", "4", "--num-workers", "0",
             "--set", "regressor_width=16", "--feature-images", "0", "--log-every", "1", *extra]
 
@@ -77,8 +79,8 @@ def test_resume_continues_exactly(tmp_path, teacher_dir, idx_dir, monkeypatch):
 
     real_save = pretrain.save_checkpoint
 
-    def save_then_die(accelerator, output_dir, step, keep):
-        real_save(accelerator, output_dir, step, keep)
+    def save_then_die(accelerator, output_dir, step, keep, facts):
+        real_save(accelerator, output_dir, step, keep, facts)
         raise KeyboardInterrupt("killed after the checkpoint")  # a kill right after step 3's checkpoint
 
     monkeypatch.setattr(pretrain, "save_checkpoint", save_then_die)
@@ -152,7 +154,7 @@ def _accelerate(*launch_args: str, cwd: Path, tmp_path: Path, teacher_dir: Path,
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "HF_HOME": str(tmp_path / "hf")}
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "training/pretrain.py",
-               *_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", str(steps))]
+               *_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", str(steps), threads=False)]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 

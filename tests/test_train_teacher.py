@@ -66,9 +66,9 @@ def test_train_export_and_rotation(tmp_path, idx_dir):
         y = unet(torch.randn(2, 3, 32, 32), torch.tensor([10, 500])).sample
     assert y.shape == (2, 3, 32, 32) and torch.isfinite(y).all()
     # rotation: checkpoints at steps 2, 4, 6 with total_limit 2 -> the last two remain
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_1", "checkpoint_2"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_4", "step_6"]
     # the export holds the EMA weights, not the raw model weights
-    ema = torch.load(out / "checkpoints" / "checkpoint_2" / "custom_checkpoint_0.pkl", weights_only=True)
+    ema = torch.load(out / "checkpoints" / "step_6" / "custom_checkpoint_0.pkl", weights_only=True)
     names = [n for n, _ in unet.named_parameters()]
     exported = _unet_weights(export)
     for name, shadow in zip(names, ema["shadow_params"], strict=True):
@@ -83,16 +83,53 @@ def test_resume_continues_exactly(tmp_path, idx_dir):
     # a run killed after step 2 (mid-epoch: 4 steps/epoch), resumed with --resume latest
     part = tmp_path / "part"
     (part / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "checkpoint_0", part / "checkpoints" / "checkpoint_0")
+    shutil.copytree(full / "checkpoints" / "step_2", part / "checkpoints" / "step_2")
     train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(part), "--max-steps", "6",
                         "--checkpoint-every", "2", "--resume", "latest", *TINY])
-    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["checkpoint_0", "checkpoint_1", "checkpoint_2"]
-    state = torch.load(part / "checkpoints" / "checkpoint_2" / "custom_checkpoint_1.pkl", weights_only=True)
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step_2", "step_4", "step_6"]
+    state = torch.load(part / "checkpoints" / "step_6" / "custom_checkpoint_2.pkl", weights_only=True)
     assert state["step"] == 6 and state["images_seen"] == 6 * 8
     a, b = _unet_weights(full / "export"), _unet_weights(part / "export")
-    for k in a:  # same data order, noise and timesteps after the resume as in the uninterrupted run
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    for k in a:  # same data order, noise and timesteps after the resume as in the uninterrupted run: bit-equal
+        assert torch.equal(a[k], b[k]), k
     assert "| optimizer steps | 6 |" in (part / "export" / "README.md").read_text()
+
+
+def test_lr_follows_the_cosine_once_per_optimizer_step_with_accumulation_and_resume(tmp_path, idx_dir):
+    # 4 micro-batches per epoch, accumulation 3: optimizer steps of 3 + 1 micro-batches (Accelerate syncs at the end
+    # of the loader), so 2 steps per epoch; a resume after step 3 must continue mid-epoch 1, not at its start
+    common = ["--data-dir", str(idx_dir), "--max-steps", "6", "--checkpoint-every", "3",
+              "--gradient-accumulation-steps", "3", "--lr-warmup-steps", "0", "--lr", "1e-3",
+              "--block-out-channels", "8,8,16,16", "--norm-num-groups", "4", "--batch-size", "8",
+              "--num-samples", "4", "--sample-steps", "2"]
+    full = tmp_path / "full"
+    train_teacher.main([*common, "--output-dir", str(full), "--seed", "3", "--log-every", "1"])
+    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for r in rows:  # diffusers' cosine, stepped once per optimizer step: lr(step) = 0.5 (1 + cos(pi step / 6))
+        assert r["lr"] == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * r["step"] / 6)), abs=1e-12)
+    assert [round(r["epoch"], 6) for r in rows] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_3", part / "checkpoints" / "step_3")
+    (part / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text()[:-20])  # torn by a kill mid-line
+    train_teacher.main([*common, "--output-dir", str(part), "--seed", "3", "--log-every", "1", "--resume", "latest"])
+    a, b = _unet_weights(full / "export"), _unet_weights(part / "export")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # no torn line, no step twice
+
+    with pytest.raises(ValueError, match=r"seed: 3 in the checkpoint, 4 now.*--allow-resume-mismatch"):
+        train_teacher.main([*common, "--output-dir", str(part), "--seed", "4", "--log-every", "1",
+                            "--resume", str(part / "checkpoints" / "step_3")])
+
+
+def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints(tmp_path, idx_dir):
+    run = tmp_path / "run"
+    train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(run), "--max-steps", "1", *TINY])
+    with pytest.raises(FileExistsError, match=r"already holds checkpoints.*--resume latest"):
+        train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(run), "--max-steps", "2", *TINY])
 
 
 def test_bad_arguments_are_rejected(idx_dir, tmp_path):
@@ -102,7 +139,7 @@ def test_bad_arguments_are_rejected(idx_dir, tmp_path):
         train_teacher.parse_args(["--block-out-channels", "8,8", "--norm-num-groups", "32"])
     with pytest.raises(SystemExit):
         train_teacher.parse_args(["--resolution", "30"])  # not divisible by 2**3
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path), "--max-steps", "1",
                             "--resume", str(tmp_path / "nope"), *TINY])
 
@@ -143,7 +180,7 @@ def test_nan_loss_stops_before_the_optimizer_step(idx_dir, tmp_path, monkeypatch
 
     monkeypatch.setattr(train_teacher, "F", NanOnSecondStep())
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2; stopped before the optimizer step.*"
-                                                 r"checkpoint_0"):
+                                                 r"step_1"):
         train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "3",
                             "--checkpoint-every", "1", *TINY])
     assert not (tmp_path / "run" / "export").exists()

@@ -374,7 +374,7 @@ def _is_local_dir_spec(spec: str) -> bool:
 def resolve_recipe(model_spec: str | None, recipe: Recipe | str | None = None,
                    checkpoint: str | os.PathLike | None = None) -> tuple[Recipe, str]:
     """The recipe whose eval transform to use, and where it came from."""
-    from hub.export import find_run_recipe
+    from training.run_layout import find_run_recipe
 
     if recipe is not None:
         return (get_recipe(recipe) if isinstance(recipe, str) else recipe), "--recipe"
@@ -415,7 +415,8 @@ def load_backbone(
     if checkpoint is not None:
         import safetensors.torch
 
-        from hub.export import find_run_checkpoint, load_student
+        from hub.export import load_student
+        from training.run_layout import find_run_checkpoint
 
         path = Path(checkpoint)
         if not path.exists():

@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import shutil
 import time
 
 import torch
@@ -42,7 +41,7 @@ from dreamteacher_models.recipes import (
     recipe_fields,
     recipe_from_dict,
 )
-from hub.export import CHECKPOINTS_DIR, RESOLVED_RECIPE_FILENAME, export_for_hub, latest_checkpoint, replace_dir
+from hub.export import export_for_hub
 from training.data import (
     ImageDataset,
     StreamingImageDataset,
@@ -55,6 +54,17 @@ from training.distiller import build_distiller, distillation_loss
 from training.feature_cache import FeatureCache, cache_key, open_or_build_feature_cache
 from training.hardware import cpu_threads_per_process
 from training.pairing import describe_pairs
+from training.run_layout import (
+    RESOLVED_RECIPE_FILENAME,
+    append_metrics,
+    check_resume_facts,
+    cut_metrics_to_step,
+    find_resume_checkpoint,
+    latest_checkpoint,
+    refuse_fresh_run_over_checkpoints,
+    save_checkpoint,
+    write_text_atomic,
+)
 from training.schedule import TrainState, cosine_with_warmup
 from training.teachers import build_teacher, describe_taps
 
@@ -101,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ckpt.add_argument("--checkpoint-every", type=int, default=500, help="save a checkpoint every N steps (0: end only)")
     ckpt.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     ckpt.add_argument("--resume", help="'latest' (newest checkpoint in --output-dir, or a fresh start) or a path")
+    ckpt.add_argument("--allow-resume-mismatch", action="store_true",
+                      help="resume even when the data, batch, process layout or seed differ from the checkpoint's")
     ckpt.add_argument("--log-every", type=int, default=10, help="log scalars to TensorBoard every N steps")
     ckpt.add_argument("--feature-images", type=int, default=4,
                       help="with each checkpoint save a PNG of teacher vs student features for N fixed images (0: off)")
@@ -188,40 +200,6 @@ def plan_batches(args, recipe: Recipe, num_processes: int) -> tuple[int, int]:
     return micro, accumulation
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> Path:
-    """save_state into a temporary folder, then rename it to checkpoints/step_N: never a half-written step_N."""
-    final = output_dir / CHECKPOINTS_DIR / f"step_{step}"
-    staging = output_dir / CHECKPOINTS_DIR / f".tmp_step_{step}"
-    if accelerator.is_main_process:
-        for leftover in final.parent.glob(".tmp_step_*"):  # a killed save's partial folder
-            shutil.rmtree(leftover, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        replace_dir(staging, final)  # an existing step_N stays complete until the new one takes its name
-        steps = sorted((p for p in final.parent.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
-        for old in steps[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
-    if not resume:
-        return None
-    if resume == "latest":
-        found = latest_checkpoint(output_dir)
-        if found is None:
-            logger.warning("--resume latest: no checkpoint in %s/%s; starting from scratch", output_dir,
-                           CHECKPOINTS_DIR)
-        return found
-    path = Path(resume)
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (expected {path}/model.safetensors)")
-    return path
-
-
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     recipe = resolve_recipe(args)
@@ -262,13 +240,16 @@ def main(argv: list[str] | None = None) -> Path:
                                     weight_decay=recipe.optim.weight_decay, betas=recipe.optim.betas)
 
     resume_from = find_resume_checkpoint(args.resume, output_dir)
+    if resume_from is None:
+        refuse_fresh_run_over_checkpoints(output_dir)
     saved = output_dir / RESOLVED_RECIPE_FILENAME
     if resume_from is not None and saved.is_file() and recipe_from_dict(json.loads(saved.read_text())) != recipe:
         raise ValueError(f"--resume: {saved} differs from this run's recipe; resume with the same recipe/overrides")
+    accelerator.wait_for_everyone()  # every rank has read recipe.json before the main process rewrites it
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        write_text_atomic(saved, json.dumps(recipe.to_dict(), indent=2) + "\n")
+        write_text_atomic(output_dir / "args.json", json.dumps(vars(args), indent=2) + "\n")
 
     # -- data and schedule length
     dataset, num_images = build_data(args, recipe, accelerator)
@@ -281,6 +262,9 @@ def main(argv: list[str] | None = None) -> Path:
         logger.info("teacher features from the cache %s (%d encodings x %d orientations per image)", cache.folder,
                     cache.encodings, cache.orientations)
     loader = build_dataloader(dataset, micro_batch, shuffle=True, seed=args.seed, num_workers=args.num_workers)
+    facts = {"data": str(args.data_dir or args.dataset or recipe.data.name), "images": num_images,
+             "limit_images": args.limit_images, "global_batch": recipe.optim.batch_size, "micro_batch": micro_batch,
+             "processes": accelerator.num_processes, "accumulation": accumulation, "seed": args.seed}
     steps_per_epoch = num_images // recipe.optim.batch_size if num_images else None
     if args.max_steps:
         total_steps = args.max_steps
@@ -298,9 +282,13 @@ def main(argv: list[str] | None = None) -> Path:
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state)
     if resume_from is not None:
+        check_resume_facts(resume_from, facts, args.allow_resume_mismatch)
         accelerator.load_state(str(resume_from))
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch,
                     state.batch_in_epoch)
+        if accelerator.is_main_process and cut_metrics_to_step(output_dir, state.step):
+            logger.info("metrics.jsonl cut back to step %d (lines after it, or torn by the kill, dropped)",
+                        state.step)
     accelerator.init_trackers("pretrain", config={"recipe": recipe.name, "total_steps": total_steps,
                                                   "micro_batch": micro_batch, "accumulation": accumulation,
                                                   "processes": accelerator.num_processes})
@@ -375,11 +363,10 @@ def main(argv: list[str] | None = None) -> Path:
                            "data/skipped_images": state.skipped}
                 accelerator.log(scalars, step=state.step)
                 if accelerator.is_main_process:  # the same scalars as JSON lines, readable without TensorBoard
-                    with open(output_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({"step": state.step, **scalars}) + "\n")
+                    append_metrics(output_dir, {"step": state.step, **scalars})
                 window = {"images": 0, "teacher_s": 0.0, "student_s": 0.0, "start": time.perf_counter()}
             if args.checkpoint_every and state.step % args.checkpoint_every == 0 and state.step < total_steps:
-                checkpoint = save_checkpoint(accelerator, output_dir, state.step, args.keep_checkpoints)
+                checkpoint = save_checkpoint(accelerator, output_dir, state.step, args.keep_checkpoints, facts)
                 save_feature_picture(accelerator, teacher, model, fixed_images, checkpoint, args.seed)
             if state.step >= total_steps:
                 break
@@ -393,7 +380,7 @@ def main(argv: list[str] | None = None) -> Path:
             state.batch_in_epoch = 0
     progress.close()
 
-    checkpoint = save_checkpoint(accelerator, output_dir, state.step, args.keep_checkpoints)
+    checkpoint = save_checkpoint(accelerator, output_dir, state.step, args.keep_checkpoints, facts)
     save_feature_picture(accelerator, teacher, model, fixed_images, checkpoint, args.seed)
     if state.skipped and accelerator.is_main_process:
         logger.warning("%d unreadable images were skipped on the main process (see warnings above)", state.skipped)

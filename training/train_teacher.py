@@ -43,6 +43,18 @@ import torch.nn.functional as F  # noqa: E402
 
 from dreamteacher_models.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
 from training import data  # noqa: E402
+from training.run_layout import (  # noqa: E402
+    append_metrics,
+    check_resume_facts,
+    cut_metrics_to_step,
+    find_resume_checkpoint,
+    latest_checkpoint,
+    refuse_foreign_folder,
+    refuse_fresh_run_over_checkpoints,
+    replace_dir,
+    save_checkpoint,
+    write_text_atomic,
+)
 
 logger = logging.getLogger("train_teacher")
 TEACHER_EXPORT_FILES = {"model_index.json", "unet", "scheduler", "samples.png", "README.md"}
@@ -89,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also checkpoint when this many minutes passed since the last checkpoint")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop (checkpoint, sample, export) after this much training wall time, even before --max-steps")
-    p.add_argument("--checkpoints-total-limit", type=int, default=3)
+    p.add_argument("--checkpoints-total-limit", type=int, default=3, help="complete checkpoints kept")
     p.add_argument("--sample-every", type=int, default=None,
                    help="steps between sample grids (default: at checkpoints)")
     p.add_argument("--num-samples", type=int, default=16)
@@ -97,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp16-export", action="store_true", help="cast the exported UNet weights to fp16")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--allow-resume-mismatch", action="store_true",
+                   help="resume even when the data, batch, process layout or seed differ from the checkpoint's")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
@@ -141,34 +155,25 @@ def build_scheduler(num_train_timesteps: int = 1000):
 
 
 class TrainState:
-    """Step counter saved with each checkpoint (``accelerator.register_for_checkpointing``)."""
+    """Where the loop is, saved with each checkpoint (``accelerator.register_for_checkpointing``) so a resume
+    continues exactly: the diffusion noise of every micro-batch is drawn from (seed, micro-step, rank), never from a
+    generator state (custom states are saved by the main process only, so every rank would get rank 0's)."""
 
-    def __init__(self, noise_gen: torch.Generator | None = None) -> None:
-        self.noise_gen = noise_gen  # draws the diffusion noise and timesteps; saved so resumes are exact
-        self.step = 0
+    def __init__(self) -> None:
+        self.step = 0  # optimizer steps done
+        self.micro_step = 0  # micro-batches done on each rank
+        self.epoch = 0
+        self.batch_in_epoch = 0  # micro-batches of this epoch already consumed (skipped on resume)
         self.images_seen = 0
         self.skipped = 0
         self.wall_s = 0.0
 
     def state_dict(self) -> dict:
-        sd = {"step": self.step, "images_seen": self.images_seen, "skipped": self.skipped, "wall_s": self.wall_s}
-        if self.noise_gen is not None:
-            sd["noise_gen"] = self.noise_gen.get_state()
-        return sd
+        return dict(vars(self))
 
     def load_state_dict(self, sd: dict) -> None:
-        self.step, self.images_seen = int(sd["step"]), int(sd["images_seen"])
-        self.skipped, self.wall_s = int(sd.get("skipped", 0)), float(sd.get("wall_s", 0.0))
-        if self.noise_gen is not None and "noise_gen" in sd:
-            self.noise_gen.set_state(sd["noise_gen"])
-
-
-def _checkpoint_dirs(output_dir: Path) -> list[Path]:
-    ckpt_root = output_dir / "checkpoints"
-    if not ckpt_root.is_dir():
-        return []
-    dirs = [d for d in ckpt_root.iterdir() if d.is_dir() and d.name.startswith("checkpoint_")]
-    return sorted(dirs, key=lambda d: int(d.name.split("_")[-1]))
+        for key, value in sd.items():
+            setattr(self, key, value)
 
 
 @torch.no_grad()
@@ -209,8 +214,6 @@ def export_teacher(unet, ema, noise_scheduler, export_dir: Path, fp16: bool, gri
     """Write the EMA weights as a diffusers DDPMPipeline folder, atomically (temp dir, then rename)."""
     from diffusers import DDPMPipeline, UNet2DModel
 
-    from hub.export import refuse_foreign_folder
-
     export_dir = Path(export_dir)
     refuse_foreign_folder(export_dir, TEACHER_EXPORT_FILES, "a previous teacher export (train_teacher.py)")
     export_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -225,12 +228,7 @@ def export_teacher(unet, ema, noise_scheduler, export_dir: Path, fp16: bool, gri
     if grid is not None and grid.is_file():
         shutil.copyfile(grid, tmp / "samples.png")
     (tmp / "README.md").write_text(readme)
-    old = export_dir.with_name(f".{export_dir.name}.old-{os.getpid()}")
-    if export_dir.exists():
-        os.replace(export_dir, old)
-    os.replace(tmp, export_dir)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_dir(tmp, export_dir)
     return export_dir
 
 
@@ -287,14 +285,14 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     output_dir = Path(args.output_dir)
     export_dir = Path(args.export_dir) if args.export_dir else output_dir / "export"
-    from hub.export import refuse_foreign_folder
+    from training.run_layout import refuse_foreign_folder
 
     # checked now, not after hours of training: the export replaces its folder whole
     refuse_foreign_folder(export_dir, TEACHER_EXPORT_FILES, "a previous teacher export (train_teacher.py)")
-    project_config = ProjectConfiguration(
-        project_dir=str(output_dir), logging_dir=str(output_dir / "logs"),
-        automatic_checkpoint_naming=True, total_limit=args.checkpoints_total_limit,
-    )
+    resume_path = find_resume_checkpoint(args.resume, output_dir)
+    if resume_path is None:
+        refuse_fresh_run_over_checkpoints(output_dir)
+    project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -304,7 +302,7 @@ def main(argv: list[str] | None = None) -> Path:
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.json").write_text(json.dumps(
+        write_text_atomic(output_dir / "args.json", json.dumps(
             {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}, indent=2))
 
     # Data: the recipe's resize/crop/flip at --resolution, scaled to [-1, 1].
@@ -328,36 +326,34 @@ def main(argv: list[str] | None = None) -> Path:
     sched_name = "constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler
     lr_scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_steps)
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    # The LR scheduler is not prepared: Accelerate would step it once per process per optimizer step (the cosine
+    # would end at max_steps / processes). It is stepped by hand once per optimizer step, and checkpointed.
+    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     ema.to(accelerator.device)
-    noise_gen = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
-    state = TrainState(noise_gen)
-    accelerator.register_for_checkpointing(ema, state)
+    noise_gen = torch.Generator(device=accelerator.device)
+    state = TrainState()
+    accelerator.register_for_checkpointing(ema, lr_scheduler, state)
+    facts = {"data": str(args.data_dir or args.dataset or recipe.data.name), "split": args.split,
+             "images": len(train_ds), "batch_per_device": args.batch_size, "processes": accelerator.num_processes,
+             "accumulation": args.gradient_accumulation_steps, "resolution": args.resolution, "seed": args.seed}
 
-    if args.resume:
-        if args.resume == "latest":
-            ckpts = _checkpoint_dirs(output_dir)
-            resume_path = ckpts[-1] if ckpts else None
-            if resume_path is None:
-                logger.warning("--resume latest: no checkpoint in %s/checkpoints; starting from scratch", output_dir)
-        else:
-            resume_path = Path(args.resume)
-            if not resume_path.is_dir():
-                raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint folder")
-        if resume_path is not None:
-            accelerator.load_state(str(resume_path))
-            ema.to(accelerator.device)
-            accelerator.project_configuration.iteration = int(resume_path.name.split("_")[-1]) + 1
-            logger.info("resumed from %s at step %d", resume_path, state.step)
+    if resume_path is not None:
+        check_resume_facts(resume_path, facts, args.allow_resume_mismatch)
+        accelerator.load_state(str(resume_path))
+        ema.to(accelerator.device)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, state.step, state.epoch,
+                    state.batch_in_epoch)
+        if accelerator.is_main_process and cut_metrics_to_step(output_dir, state.step):
+            logger.info("metrics.jsonl cut back to step %d", state.step)
 
     accelerator.init_trackers("train_teacher", config={
         k: (",".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in vars(args).items()
         if isinstance(v, (int, float, str, bool, tuple))})
 
-    steps_per_epoch = len(loader) // args.gradient_accumulation_steps
+    # the last optimizer step of an epoch takes the micro-batches left over (Accelerate syncs at the loader's end)
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     if steps_per_epoch < 1:
-        raise ValueError(f"the dataset gives {len(loader)} batches per epoch: fewer than "
-                         f"--gradient-accumulation-steps {args.gradient_accumulation_steps}")
+        raise ValueError(f"the dataset gives no batch of {args.batch_size} per epoch ({len(train_ds)} images)")
     total_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("%d images, %d steps/epoch, global batch %d, %d steps (%.2f epochs), UNet %.2f M params",
                 len(train_ds), steps_per_epoch, total_batch, args.max_steps, args.max_steps / steps_per_epoch,
@@ -365,8 +361,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     def checkpoint_and_sample(step: int, do_ckpt: bool, do_sample: bool) -> Path | None:
         grid = None
-        if do_ckpt:
-            accelerator.save_state()  # all ranks; checkpoints/checkpoint_<n>, rotated to --checkpoints-total-limit
+        if do_ckpt:  # all ranks; checkpoints/step_N, complete or absent, rotated to --checkpoints-total-limit
+            save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit, facts)
         if do_sample and accelerator.is_main_process:
             model = accelerator.unwrap_model(unet)
             ema.store(model.parameters())
@@ -395,19 +391,22 @@ def main(argv: list[str] | None = None) -> Path:
     unet.train()
     done = False
     while state.step < args.max_steps and not done:
-        epoch, skip = divmod(state.step, steps_per_epoch)
-        loader.set_epoch(epoch)
+        loader.set_epoch(state.epoch)
         active = loader
-        if skip:
-            active = accelerator.skip_first_batches(loader, skip * args.gradient_accumulation_steps)
-            active.set_epoch(epoch)
+        if state.batch_in_epoch:
+            active = accelerator.skip_first_batches(loader, state.batch_in_epoch)
+            active.set_epoch(state.epoch)
         step_at_start = state.step
         for batch in active:
+            state.batch_in_epoch += 1
             n_skipped = int(batch["num_skipped"])
             state.skipped += n_skipped
             clean = batch["pixel_values"]
             if clean.shape[0] == 0:  # every image of the batch was unreadable (already logged)
                 continue
+            noise_gen.manual_seed(args.seed * 1_000_003 + state.micro_step * accelerator.num_processes
+                                  + accelerator.process_index)
+            state.micro_step += 1
             noise = torch.randn(clean.shape, generator=noise_gen, device=clean.device, dtype=clean.dtype)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=noise_gen,
                               device=clean.device)
@@ -416,20 +415,19 @@ def main(argv: list[str] | None = None) -> Path:
                 pred = unet(noisy, t, return_dict=False)[0]
                 loss = F.mse_loss(pred.float(), noise.float())
                 if not accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).all():
-                    ckpts = _checkpoint_dirs(output_dir)
                     raise FloatingPointError(
                         f"non-finite loss at step {state.step + 1}; stopped before the optimizer step, without "
-                        f"saving. Last checkpoint (finite weights): {ckpts[-1] if ckpts else 'none'}. Lower --lr or "
-                        "use --mixed-precision no, then --resume latest")
+                        f"saving. Last checkpoint (finite weights): {latest_checkpoint(output_dir) or 'none'}. "
+                        "Lower --lr or use --mixed-precision no, then --resume latest")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
                 optimizer.step()
-                lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state.images_seen += clean.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
+            lr_scheduler.step()
             ema.step(unet.parameters())
             state.step += 1
             state.wall_s = time.time() - t_start
@@ -441,8 +439,7 @@ def main(argv: list[str] | None = None) -> Path:
                 progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{logs['lr']:.2e}", skipped=state.skipped)
                 accelerator.log(logs, step=state.step)
                 if accelerator.is_main_process:  # the training curve as JSON lines, readable without TensorBoard
-                    with open(output_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({"step": state.step, "wall_s": round(state.wall_s, 1), **logs}) + "\n")
+                    append_metrics(output_dir, {"step": state.step, "wall_s": round(state.wall_s, 1), **logs})
             now = time.time()
             timed_out = bool(args.max_minutes) and (now - t_start) / 60 >= args.max_minutes
             every = args.checkpoint_every_minutes
@@ -460,6 +457,9 @@ def main(argv: list[str] | None = None) -> Path:
                 last_grid = checkpoint_and_sample(state.step, do_ckpt, do_sample) or last_grid
             if done:
                 break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
         if state.step == step_at_start and not done:  # a pass with no optimizer step would repeat forever
             raise ValueError(f"a pass over the data gave no training step: {len(train_ds)} images, batch "
                              f"{args.batch_size} x {args.gradient_accumulation_steps} accumulation, {state.skipped} "
