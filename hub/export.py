@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import json
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from training.run_layout import (
     RESOLVED_RECIPE_FILENAME,
     find_run_checkpoint,
     find_run_recipe,
-    make_shareable,
+    fresh_staging_dir,
     refuse_foreign_folder,
     replace_dir,
 )
@@ -108,8 +107,7 @@ def export_for_hub(
 
     out_dir = Path(out_dir)
     refuse_foreign_folder(out_dir, EXPORT_FILES, "a previous export (hub/export.py)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = fresh_staging_dir(out_dir)
     try:
         timm.models.save_for_hf(model, staging, safe_serialization=True)
         _check_no_pickles(staging)
@@ -119,7 +117,6 @@ def export_for_hub(
         card = render_model_card(recipe, params_m=params_m, sha256=digest, results=results, results_note=results_note)
         card.save(staging / "README.md")
         (staging / RESOLVED_RECIPE_FILENAME).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-        make_shareable(staging)
         replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -62,6 +62,7 @@ from training.run_layout import (
     find_resume_checkpoint,
     latest_checkpoint,
     refuse_fresh_run_over_checkpoints,
+    remove_leftovers,
     save_checkpoint,
     write_text_atomic,
 )
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.wait_for_everyone()  # every rank has read recipe.json before the main process rewrites it
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(output_dir)
         write_text_atomic(saved, json.dumps(recipe.to_dict(), indent=2) + "\n")
         write_text_atomic(output_dir / "args.json", json.dumps(vars(args), indent=2) + "\n")
 

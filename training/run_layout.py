@@ -7,6 +7,7 @@ Shared by both trainers (`pretrain.py`, `train_teacher.py`), export (`hub/export
     <run>/metrics.jsonl               one JSON line per logged step; cut back to the resumed step on --resume
     <run>/checkpoints/step_N/         `accelerator.save_state` + run.json (what a resume must match)
     <run>/checkpoints/.tmp_step_N/    a save in progress: renamed to step_N only when complete
+    <run>/checkpoints/.deleting_step_N/  a rotated-out checkpoint being deleted
 
 Nothing half-written ever takes a final name: checkpoints are saved under a temporary name and renamed when
 complete (the older ones are rotated out only after that), and files are replaced with an atomic rename.
@@ -113,13 +114,16 @@ def replace_dir(new: Path, target: Path) -> None:
         new.rename(target)
 
 
-def make_shareable(folder: Path) -> None:
-    """Give a folder made by `tempfile.mkdtemp` (mode 700, files 600) the modes of a normally created one: readable by
-    others as the umask allows, so a shared machine's users can load an export."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [folder, *folder.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+def fresh_staging_dir(target: Path) -> Path:
+    """An empty `.<name>.tmp-<pid>` folder beside `target` to build its replacement in (created with the umask's
+    modes, so the result is as readable as a normally made folder), after removing the staging folders that
+    killed writers left there."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    staging.mkdir()
+    return staging
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -144,15 +148,22 @@ def refuse_foreign_folder(folder: Path, own_names: set[str], what: str) -> None:
         )
 
 
+def remove_leftovers(run_dir: Path) -> None:
+    """Delete what killed checkpoint saves and rotations left (partial .tmp_step_N, half-deleted .deleting_step_N);
+    the main process calls it when a run starts and before each save."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    for leftover in [*folder.glob(".tmp_step_*"), *folder.glob(".deleting_step_*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, facts: Mapping[str, Any]) -> Path:
     """`accelerator.save_state` into checkpoints/.tmp_step_N plus run.json (`facts`), renamed to step_N when
-    complete; only then are checkpoints beyond the newest `keep` deleted. A kill at any moment leaves every
-    step_N complete and the newest complete one in place."""
+    complete; only then are checkpoints beyond the newest `keep` deleted (each renamed away first). A kill at any
+    moment leaves every step_N complete and the newest complete one in place."""
     final = run_dir / CHECKPOINTS_DIR / f"step_{step}"
     staging = run_dir / CHECKPOINTS_DIR / f".tmp_step_{step}"
     if accelerator.is_main_process:
-        for leftover in final.parent.glob(".tmp_step_*"):  # a killed save's partial folder
-            shutil.rmtree(leftover, ignore_errors=True)
+        remove_leftovers(run_dir)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
@@ -160,7 +171,9 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, facts: Map
         (staging / RUN_FACTS_FILENAME).write_text(json.dumps(dict(facts), indent=2, sort_keys=True) + "\n")
         replace_dir(staging, final)  # an existing step_N stays complete until the new one takes its name
         for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            trash = old.with_name(f".deleting_{old.name}")  # renamed first: never a half-deleted step_N
+            old.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 

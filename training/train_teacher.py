@@ -48,9 +48,11 @@ from training.run_layout import (  # noqa: E402
     check_resume_facts,
     cut_metrics_to_step,
     find_resume_checkpoint,
+    fresh_staging_dir,
     latest_checkpoint,
     refuse_foreign_folder,
     refuse_fresh_run_over_checkpoints,
+    remove_leftovers,
     replace_dir,
     save_checkpoint,
     write_text_atomic,
@@ -216,14 +218,11 @@ def export_teacher(unet, ema, noise_scheduler, export_dir: Path, fp16: bool, gri
 
     export_dir = Path(export_dir)
     refuse_foreign_folder(export_dir, TEACHER_EXPORT_FILES, "a previous teacher export (train_teacher.py)")
-    export_dir.parent.mkdir(parents=True, exist_ok=True)
     model = UNet2DModel.from_config(unet.config)
     ema.copy_to(model.parameters())
     if fp16:
         model = model.to(torch.float16)
-    tmp = export_dir.with_name(f".{export_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = fresh_staging_dir(export_dir)
     DDPMPipeline(unet=model, scheduler=noise_scheduler).save_pretrained(tmp, safe_serialization=True)
     if grid is not None and grid.is_file():
         shutil.copyfile(grid, tmp / "samples.png")
@@ -302,6 +301,7 @@ def main(argv: list[str] | None = None) -> Path:
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(output_dir)
         write_text_atomic(output_dir / "args.json", json.dumps(
             {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}, indent=2))
 
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> Path:
         if state.batch_in_epoch:
             active = accelerator.skip_first_batches(loader, state.batch_in_epoch)
             active.set_epoch(state.epoch)
-        step_at_start = state.step
+        step_at_start, full_pass = state.step, state.batch_in_epoch == 0
         for batch in active:
             state.batch_in_epoch += 1
             n_skipped = int(batch["num_skipped"])
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> Path:
         else:
             state.epoch += 1
             state.batch_in_epoch = 0
-        if state.step == step_at_start and not done:  # a pass with no optimizer step would repeat forever
+        if full_pass and state.step == step_at_start and not done:  # a pass with no step would repeat forever
             raise ValueError(f"a pass over the data gave no training step: {len(train_ds)} images, batch "
                              f"{args.batch_size} x {args.gradient_accumulation_steps} accumulation, {state.skipped} "
                              "unreadable; add readable images or lower --batch-size")
