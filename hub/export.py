@@ -29,6 +29,7 @@ from training.run_layout import (
     find_run_checkpoint,
     find_run_recipe,
     fresh_staging_dir,
+    give_files_umask_modes,
     refuse_foreign_folder,
     replace_dir,
 )
@@ -112,16 +113,40 @@ def export_for_hub(
         timm.models.save_for_hf(model, staging, safe_serialization=True)
         _check_no_pickles(staging)
         digest = sha256_of(staging / WEIGHTS_FILENAME)
-        (staging / "SHA256SUMS").write_text(f"{digest}  {WEIGHTS_FILENAME}\n")
         params_m = sum(p.numel() for p in model.parameters()) / 1e6
         card = render_model_card(recipe, params_m=params_m, sha256=digest, results=results, results_note=results_note)
         card.save(staging / "README.md")
         (staging / RESOLVED_RECIPE_FILENAME).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+        write_checksums(staging)
+        give_files_umask_modes(staging)
         replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+CHECKSUMS_FILENAME = "SHA256SUMS"
+
+
+def write_checksums(folder: Path) -> None:
+    """SHA256SUMS (`sha256sum` format) of every other file of an export: what publish verifies before uploading."""
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS_FILENAME)
+    (folder / CHECKSUMS_FILENAME).write_text("".join(f"{sha256_of(folder / name)}  {name}\n" for name in files))
+
+
+def read_checksums(folder: Path) -> dict[str, str]:
+    """{file name: SHA-256} from an export's SHA256SUMS; a clear error when it is empty or malformed."""
+    path = folder / CHECKSUMS_FILENAME
+    sums = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split()
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise ValueError(f"{path} line {number} is not '<sha256>  <file>': {line[:80]!r}; re-export the folder")
+        sums[parts[1].lstrip("*")] = parts[0]
+    if not sums:
+        raise ValueError(f"{path} is empty; re-export the folder with `python -m hub.export`")
+    return sums
 
 
 def _check_no_pickles(folder: Path) -> None:

@@ -3,7 +3,10 @@
     python -m hub.publish runs/fmnist/export --repo-id dreamteacher/resnet18.dreamteacher_fmnist          # dry run
     HF_TOKEN=... python -m hub.publish runs/fmnist/export --repo-id dreamteacher/resnet18.dreamteacher_fmnist --push
 
-The token comes from --token, else HF_TOKEN, else huggingface_hub's stored login; it is never printed.
+The token comes from HF_TOKEN, else huggingface_hub's stored login (`hf auth login`); it is never printed, and
+never taken on the command line, where other users of the machine could read it in the process list.
+Before uploading, every file is checked against the export's SHA256SUMS; a file it does not list, a subfolder
+or a pickle stops the upload, and only the checked files are uploaded.
 """
 
 from __future__ import annotations
@@ -17,25 +20,36 @@ from huggingface_hub import HfApi
 
 from dreamteacher_models._timm_registry import WEIGHTS_FILENAME
 
-from .export import RESOLVED_RECIPE_FILENAME, sha256_of
+from .export import CHECKSUMS_FILENAME, RESOLVED_RECIPE_FILENAME, read_checksums, sha256_of
 
-REQUIRED_FILES = (WEIGHTS_FILENAME, "config.json", "README.md", "SHA256SUMS")
+REQUIRED_FILES = (WEIGHTS_FILENAME, "config.json", "README.md", CHECKSUMS_FILENAME)
 
 
 def check_export(folder: Path) -> list[str]:
-    """The files that would be uploaded; raises if the folder is not a complete, pickle-free, untampered export."""
+    """The files that would be uploaded; raises unless the folder is a complete, pickle-free export whose every
+    file matches its SHA256SUMS (and nothing else: no unlisted file, no subfolder)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"export folder {folder} does not exist; make one with `python -m hub.export`")
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
         raise ValueError(f"{folder} is not a complete export: missing {missing} (run `python -m hub.export`)")
-    recorded = (folder / "SHA256SUMS").read_text().split()[0]
-    if sha256_of(folder / WEIGHTS_FILENAME) != recorded:
-        raise ValueError(f"{folder / WEIGHTS_FILENAME} does not match its SHA256SUMS: re-export it")
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if subfolders:
+        raise ValueError(f"{folder} holds subfolders {subfolders}; an export has none: publish checks and uploads "
+                         "only the files SHA256SUMS lists")
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
     pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
     if pickles:
         raise ValueError(f"{folder} holds pickle files {pickles}; only safetensors are published")
+    sums = read_checksums(folder)
+    unlisted = [f for f in files if f != CHECKSUMS_FILENAME and f not in sums]
+    if unlisted:
+        raise ValueError(f"{folder} holds files SHA256SUMS does not list: {unlisted}; remove them or re-export")
+    for name, digest in sums.items():
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder / name} is listed in SHA256SUMS but missing: re-export the folder")
+        if sha256_of(folder / name) != digest:
+            raise ValueError(f"{folder / name} does not match its SHA256SUMS: re-export it")
     return files
 
 
@@ -62,7 +76,8 @@ def publish(folder: str | Path, repo_id: str | None = None, push: bool = False, 
         return None
     api = HfApi(token=token or os.environ.get("HF_TOKEN"))
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=commit_message)
+    commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=commit_message,
+                               allow_patterns=files)
     print(f"uploaded: {commit.commit_url}")
     return commit.commit_url
 
@@ -72,10 +87,9 @@ def main(argv: list[str] | None = None) -> str | None:
     parser.add_argument("folder", help="an export folder written by `python -m hub.export`")
     parser.add_argument("--repo-id", help="<org>/<arch>.<tag>; default: the recipe's Hub id")
     parser.add_argument("--push", action="store_true", help="really upload (default: dry run)")
-    parser.add_argument("--token", help="Hub token (default: $HF_TOKEN or the stored login); never printed")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     args = parser.parse_args(argv)
-    return publish(args.folder, args.repo_id, push=args.push, token=args.token, private=args.private)
+    return publish(args.folder, args.repo_id, push=args.push, private=args.private)
 
 
 if __name__ == "__main__":

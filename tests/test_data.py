@@ -205,3 +205,21 @@ def test_seeded_order_is_deterministic_and_resumable():
         assert _order(skipped) == epoch1[8:]
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_a_missing_data_dir_is_never_read_as_a_hub_id_and_an_empty_folder_is_named(tmp_path, monkeypatch):
+    from training.data import data_source, load_image_dataset
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"--data-dir my_images: no such folder"):
+        data_source("my_images")  # relative and absent: not the Hub dataset "my_images"
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+        data_source("a_file")
+    assert data_source(None, "org/name") == "org/name"
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("no images here")
+    assert data_source(str(empty)) == str(empty)
+    with pytest.raises(ValueError, match=r"empty holds no images"):
+        load_image_dataset(str(empty))

@@ -1,6 +1,7 @@
 """Export -> load round trips through every route timm offers, for every recipe."""
 
 import json
+import os
 
 import pytest
 import safetensors.torch
@@ -8,7 +9,7 @@ import timm
 import torch
 
 from dreamteacher_models import RECIPES, get_recipe
-from hub.export import build_backbone, export_for_hub
+from hub.export import build_backbone, export_for_hub, read_checksums, sha256_of
 from hub.export import main as export_main
 from hub.publish import check_export, publish
 from tests.hub_cache import populate_hf_cache
@@ -73,8 +74,10 @@ def test_model_card_metadata_and_sections(exported):
         assert section in card
     for route in (f'"hf-hub:{get_recipe(name).hub_id}"', f'"{name}"', '"local-dir:'):
         assert route in card
-    digest = (folder / "SHA256SUMS").read_text().split()[0]
-    assert digest in card
+    sums = read_checksums(folder)
+    assert sorted(sums) == ["README.md", "config.json", "model.safetensors", "recipe.json"]
+    assert sums["model.safetensors"] in card
+    assert all(sums[name] == sha256_of(folder / name) for name in sums)
 
 
 def test_registered_name_loads_export_via_file_overlay(exported_each):
@@ -174,9 +177,32 @@ def test_publish_refuses_a_tampered_export(exported, tmp_path):
     copy.mkdir()
     for f in folder.iterdir():
         (copy / f.name).write_bytes(f.read_bytes())
-    (copy / "SHA256SUMS").write_text("0" * 64 + "  model.safetensors\n")
-    with pytest.raises(ValueError, match="does not match its SHA256SUMS"):
+    (copy / "config.json").write_text((copy / "config.json").read_text().replace("resnet", "resnot"))
+    with pytest.raises(ValueError, match=r"config\.json does not match its SHA256SUMS"):
         publish(copy, repo_id="x/y")
+    (copy / "config.json").write_bytes((folder / "config.json").read_bytes())
+    (copy / "extra.txt").write_text("not part of the export")
+    with pytest.raises(ValueError, match=r"does not list: \['extra\.txt'\]"):
+        publish(copy, repo_id="x/y")
+    (copy / "extra.txt").unlink()
+    (copy / "sub").mkdir()
+    with pytest.raises(ValueError, match=r"subfolders \['sub'\]"):
+        publish(copy, repo_id="x/y")
+    (copy / "sub").rmdir()
+    (copy / "SHA256SUMS").write_text("")
+    with pytest.raises(ValueError, match="SHA256SUMS is empty"):
+        publish(copy, repo_id="x/y")
+    (copy / "SHA256SUMS").write_text("nonsense\n")
+    with pytest.raises(ValueError, match="line 1 is not"):
+        publish(copy, repo_id="x/y")
+
+
+def test_export_is_readable_by_other_users(exported):
+    _, _, folder = exported
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in folder.iterdir())
 
 
 def test_export_never_deletes_a_users_files(tmp_path):

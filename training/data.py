@@ -190,6 +190,26 @@ def load_idx_dataset(folder: str | os.PathLike, split: str = "train"):
 # Source resolution
 
 
+def data_source(data_dir: str | os.PathLike | None, dataset: str | None = None) -> str | None:
+    """The source a command line asked for: `--data-dir` must be an existing folder (never read as a Hub id, even
+    when relative), else `--dataset` (a Hub id), else None (the recipe's default)."""
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            what = "is a file, not a folder" if path.exists() else "no such folder"
+            raise FileNotFoundError(f"--data-dir {data_dir}: {what}; pass a folder of IDX files or of images, or "
+                                    "--dataset HUB_ID for a Hub dataset")
+        return str(path)
+    return dataset
+
+
+def _has_images(folder: Path) -> bool:
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
+    return any(p.suffix.lower() in extensions for p in folder.rglob("*") if p.is_file())
+
+
 def load_image_dataset(
     source: str | os.PathLike | None = None,
     split: str = "train",
@@ -226,6 +246,9 @@ def load_image_dataset(
         idx_dir = _local_idx_dir(path)
         if idx_dir is not None:
             return load_idx_dataset(idx_dir, split)
+        if not _has_images(path):
+            raise ValueError(f"data folder {path} holds no images (nor Fashion-MNIST IDX files); image files need a "
+                             "known extension such as .png, .jpg or .webp")
         dd = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir, streaming=streaming)
         if split not in dd:
             raise ValueError(f"image folder {path} has splits {sorted(dd)}, not {split!r}")

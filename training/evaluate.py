@@ -434,10 +434,10 @@ def load_backbone(
 
 
 def _load_split(data_dir: str | None, split: str, recipe: Recipe):
-    from training.data import load_image_dataset
+    from training.data import data_source, load_image_dataset
 
     try:
-        return load_image_dataset(data_dir, split, recipe_data=recipe.data)
+        return load_image_dataset(data_source(data_dir), split, recipe_data=recipe.data)
     except (FileNotFoundError, ValueError) as e:
         raise type(e)(f"cannot load the {split!r} split for evaluation: {e}") from e
 

@@ -47,6 +47,7 @@ from training.data import (
     StreamingImageDataset,
     build_dataloader,
     build_transform,
+    data_source,
     load_image_dataset,
     split_streaming,
 )
@@ -139,7 +140,7 @@ def build_data(args, recipe: Recipe, accelerator: Accelerator):
     if cached and args.streaming:
         raise ValueError("--feature-cache needs indexed data; it cannot be used with --streaming")
     transform = build_transform(recipe.data, train=True, hflip=False if cached else None)
-    source = args.data_dir or args.dataset
+    source = data_source(args.data_dir, args.dataset)
     hf = load_image_dataset(source, split="train", recipe_data=recipe.data, streaming=args.streaming)
     if args.streaming:
         hf = split_streaming(hf, seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes)

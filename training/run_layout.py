@@ -126,6 +126,16 @@ def fresh_staging_dir(target: Path) -> Path:
     return staging
 
 
+def give_files_umask_modes(folder: Path) -> None:
+    """Files some writers create private (safetensors: 600) get the modes the umask gives a new file, so an
+    export on a shared machine is as readable as any file its owner makes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `path` through a temporary file and a rename: a reader sees the old or the new content, never half."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

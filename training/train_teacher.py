@@ -49,6 +49,7 @@ from training.run_layout import (  # noqa: E402
     cut_metrics_to_step,
     find_resume_checkpoint,
     fresh_staging_dir,
+    give_files_umask_modes,
     latest_checkpoint,
     refuse_foreign_folder,
     refuse_fresh_run_over_checkpoints,
@@ -227,6 +228,7 @@ def export_teacher(unet, ema, noise_scheduler, export_dir: Path, fp16: bool, gri
     if grid is not None and grid.is_file():
         shutil.copyfile(grid, tmp / "samples.png")
     (tmp / "README.md").write_text(readme)
+    give_files_umask_modes(tmp)
     replace_dir(tmp, export_dir)
     return export_dir
 
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> Path:
     # Data: the recipe's resize/crop/flip at --resolution, scaled to [-1, 1].
     recipe = get_recipe(args.recipe)
     data_cfg = dataclasses.replace(recipe.data, input_size=(3, args.resolution, args.resolution))
-    hf_ds = data.load_image_dataset(args.data_dir or args.dataset, args.split, recipe_data=data_cfg)
+    hf_ds = data.load_image_dataset(data.data_source(args.data_dir, args.dataset), args.split, recipe_data=data_cfg)
     transform = data.build_transform(data_cfg, train=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     train_ds = data.ImageDataset(hf_ds, transform)
     if len(train_ds) < args.batch_size:
