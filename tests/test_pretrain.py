@@ -220,3 +220,16 @@ def test_checkpoint_saves_replace_atomically_and_clean_leftovers(tmp_path, teach
     assert names == ["step_2"]  # re-saved in place, leftovers and the replaced copy gone
     after = _weights(run / "checkpoints" / "step_2")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_streaming_run_trains_and_resumes_and_a_changed_micro_batch_is_refused(tmp_path, teacher_dir):
+    data = write_image_folder(tmp_path / "images", n=16)
+    common = ["--streaming", "--max-steps", "3", "--checkpoint-every", "2", "--no-export"]
+    out = pretrain.main(_args(tmp_path / "run", teacher_dir, data, *common))
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
+    resumed = pretrain.main(_args(tmp_path / "run", teacher_dir, data, *common, "--max-steps", "4", "--resume",
+                                  "latest"))
+    assert [r["step"] for r in _metrics(resumed)] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"accumulation: 2 in the checkpoint, 4 now.*micro_batch: 4 .* 2 now"):
+        pretrain.main(_args(tmp_path / "run", teacher_dir, data, *common, "--max-steps", "5", "--resume", "latest",
+                            "--per-device-batch-size", "2"))

@@ -28,8 +28,8 @@ at the start of every pass, so all ranks see the same permutation. A resumed run
 then ``accelerator.skip_first_batches(loader, k)`` (and ``set_epoch(epoch)`` again on the returned loader) and sees
 exactly the batches the interrupted run had not seen yet. Streaming ``IterableDataset``s cannot be sampled: they are
 split across ranks with ``datasets.distributed.split_dataset_by_node`` (each rank reads every n-th shard or example)
-and shuffled with a seeded buffer (``IterableDataset.shuffle(seed, buffer_size)``), and the loader is then prepared
-with ``DataLoaderConfiguration(dispatch_batches=False)`` so Accelerate does not shard them a second time.
+and shuffled with a seeded buffer (``IterableDataset.shuffle(seed, buffer_size)``); the trainer does not pass that
+loader to ``accelerator.prepare`` (which would shard it a second time) and moves its batches itself.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
 from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
 
@@ -152,6 +152,16 @@ def build_data(args, recipe: Recipe, accelerator: Accelerator):
     return ImageDataset(hf, transform, return_index=cached), len(hf)
 
 
+def prepare_for_training(accelerator: Accelerator, model, optimizer, loader, streaming: bool):
+    """`accelerator.prepare` the model, optimizer and loader; a streaming loader is left as it is: its stream is
+    already split across ranks by `split_streaming` (each rank reads its own shards), and Accelerate would shard
+    it a second time (IterableDatasetShard: each rank keeping 1/N of its 1/N). The trainer moves its batches."""
+    if streaming:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        return model, optimizer, loader
+    return accelerator.prepare(model, optimizer, loader)
+
+
 def open_feature_cache(args, recipe: Recipe, teacher, dataset, accelerator: Accelerator) -> FeatureCache:
     """The run's teacher-feature cache, built by the main process when missing while the others wait."""
     key = cache_key(teacher, dataset, data_source=str(args.data_dir or args.dataset or recipe.data.name),
@@ -216,7 +226,6 @@ def main(argv: list[str] | None = None) -> Path:
         gradient_accumulation_steps=accumulation,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(dispatch_batches=False if args.streaming else None),
     )
     set_seed(args.seed, device_specific=True)
     if accelerator.device.type == "cpu":
@@ -281,7 +290,7 @@ def main(argv: list[str] | None = None) -> Path:
         optimizer, lambda step: cosine_with_warmup(step, total_steps, warmup_steps, min_lr_ratio))
 
     # The scheduler is stepped by hand once per optimizer step (Accelerate would step a prepared one per process).
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer, loader = prepare_for_training(accelerator, model, optimizer, loader, args.streaming)
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state)
     if resume_from is not None:
@@ -307,10 +316,12 @@ def main(argv: list[str] | None = None) -> Path:
     window = {"images": 0, "teacher_s": 0.0, "student_s": 0.0, "start": time.perf_counter()}
     noise = torch.Generator(device=accelerator.device)
     while state.step < total_steps:
-        loader.set_epoch(state.epoch)
+        (loader if hasattr(loader, "set_epoch") else loader.dataset).set_epoch(state.epoch)
         full_epoch, usable = state.batch_in_epoch == 0, 0
         batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         for batch in batches:
+            if args.streaming:  # the loader was not prepared (see prepare_for_training)
+                batch = send_to_device(batch, accelerator.device)
             state.batch_in_epoch += 1
             state.skipped += int(batch["num_skipped"])
             images = batch["pixel_values"]

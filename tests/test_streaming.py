@@ -1,0 +1,56 @@
+"""Streaming under 2 CPU processes: each rank reads a disjoint part of the stream, and together they read it all."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import write_image_folder
+
+REPO = Path(__file__).resolve().parent.parent
+
+RANK_SCRIPT = textwrap.dedent("""
+    import hashlib, json, sys
+    from accelerate import Accelerator
+    from accelerate.utils import send_to_device
+    import training.pretrain as pretrain
+    from training.data import build_dataloader
+
+    data_dir, out = sys.argv[1], sys.argv[2]
+    args = pretrain.parse_args(["--data-dir", data_dir, "--streaming", "--num-workers", "0"])
+    recipe = pretrain.resolve_recipe(args)
+    accelerator = Accelerator()
+    dataset, _ = pretrain.build_data(args, recipe, accelerator)
+    loader = build_dataloader(dataset, 2, num_workers=0, drop_last=False)
+    _, _, loader = pretrain.prepare_for_training(accelerator, None, None, loader, args.streaming)
+    seen = []
+    for batch in loader:  # one epoch, as the trainer reads it
+        for image in send_to_device(batch, accelerator.device)["pixel_values"]:
+            seen.append(hashlib.sha256(image.numpy().tobytes()).hexdigest())
+    with open(f"{out}.{accelerator.process_index}", "w") as f:
+        json.dump(seen, f)
+""")
+
+
+@pytest.mark.slow
+def test_two_ranks_stream_disjoint_halves_that_cover_the_data(tmp_path):
+    data = write_image_folder(tmp_path / "images", n=12)
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+                             str(data), str(tmp_path / "seen")], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"seen.{r}").read_text()) for r in (0, 1))
+    assert len(rank0) == len(rank1) == 6  # half each, not a quarter (sharded once, not twice)
+    assert not set(rank0) & set(rank1)
+    assert len(set(rank0) | set(rank1)) == 12
