@@ -19,7 +19,9 @@ no cleanup runs) at a random call of one kill site (a new chain starts when one 
 A last resume runs each chain to the end. Checked: every killed run died from the signal (exit -9) or finished before
 reaching the site, every resume completed, the final weights equal the straight run's bit for bit, and files lost
 is 0 (a user's file in the run folder, every step's metrics line once, complete checkpoints, a complete export, no
-temporary folder left). Prints one table row per trainer. `tests/test_fault_injection.py` runs the same harness
+temporary folder left). Prints one table row per trainer, then the bad inputs tried (unknown recipe, mistyped --set
+values, missing teacher or data, unreadable or too few images, folders holding a user's files, ...) and the
+one-line error each got. `tests/test_fault_injection.py` runs the same harness
 with fewer points; in a child process (`--child`), this module installs the kill and runs the trainer.
 """
 
@@ -304,6 +306,66 @@ def run_trainer(trainer: str, sites: list[str], points: int, seed: int, work: Pa
     return report
 
 
+def bad_inputs(work: Path) -> list[tuple[str, str]]:
+    """(what was tried, the one-line error a user gets) for bad inputs to the trainers, export and publish; a bad
+    input that is accepted, or an error that is not a user error (a bug's traceback), is reported as such."""
+    from hub.export import main as export_main
+    from hub.publish import publish
+    from tests.tiny import make_tiny_teacher, write_fashion_mnist, write_image_folder
+    from training import pretrain, train_teacher
+    from training.cli import USER_ERRORS
+
+    teacher = make_tiny_teacher(work / "teacher")
+    data = write_fashion_mnist(work / "data", n=32)
+    broken = write_image_folder(work / "broken", n=0, corrupt=8)
+    empty = work / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images")
+    import safetensors.torch
+    import timm
+
+    student = work / "student.safetensors"
+    safetensors.torch.save_file(timm.create_model("resnet18", num_classes=0).state_dict(), str(student))
+    users = work / "users_folder"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    base = ["--teacher", str(teacher), "--data-dir", str(data), "--threads", "1", "--num-workers", "0",
+            "--batch-size", "8", "--feature-images", "0", "--no-export", "--max-steps", "1"]
+    cases = [
+        ("pretrain: unknown recipe", pretrain.main, ["--recipe", "resnet51.dreamteacher_in1k"]),
+        ("pretrain: --set a bool field to 'no'", pretrain.main, [*base, "--set", "data.hflip=no"]),
+        ("pretrain: --set an int field to 50.7", pretrain.main, [*base, "--set", "teacher.timestep=50.7"]),
+        ("pretrain: --set an unknown field", pretrain.main, [*base, "--set", "teacher.timestamp=10"]),
+        ("pretrain: missing teacher", pretrain.main, [*base, "--teacher", str(work / "no-teacher")]),
+        ("pretrain: relative --data-dir that does not exist", pretrain.main, [*base, "--data-dir", "my_images"]),
+        ("pretrain: image folder without images", pretrain.main, [*base, "--data-dir", str(empty)]),
+        ("pretrain: every image unreadable", pretrain.main, [*base, "--data-dir", str(broken)]),
+        ("pretrain: fewer images than a micro-batch", pretrain.main, [*base, "--limit-images", "3"]),
+        ("pretrain: micro-batch not dividing the batch", pretrain.main, [*base, "--per-device-batch-size", "3"]),
+        ("pretrain: --resume a folder that is no checkpoint", pretrain.main, [*base, "--resume", str(empty)]),
+        ("teacher: --resolution not divisible by the UNet's downsampling", train_teacher.main,
+         ["--data-dir", str(data), "--resolution", "30"]),
+        ("teacher: --export-dir holding a user's file", train_teacher.main,
+         ["--data-dir", str(data), "--output-dir", str(work / "t"), "--export-dir", str(users)]),
+        ("export: --out holding a user's file", export_main,
+         ["--checkpoint", str(student), "--recipe", "resnet18.dreamteacher_fmnist",
+          "--out", str(users)]),
+        ("publish: a folder that is no export", lambda argv: publish(*argv), [str(users)]),
+    ]
+    results = []
+    for what, main, argv in cases:
+        try:
+            main(argv)
+            results.append((what, "ACCEPTED (no error)"))
+        except USER_ERRORS as e:
+            results.append((what, f"{type(e).__name__}: {str(e).splitlines()[0]}"))
+        except SystemExit as e:  # argparse's own one-line errors
+            results.append((what, f"argparse error, exit status {e.code}"))
+        except Exception as e:  # noqa: BLE001 - a bug: reported, not hidden
+            results.append((what, f"NOT A USER ERROR {type(e).__name__}: {e}"))
+    return results
+
+
 def format_table(reports: list[Report]) -> str:
     lines = ["| trainer | kills tried | kills landed | resumes completed | final weights equal | files lost |",
              "|---|---|---|---|---|---|"]
@@ -323,6 +385,7 @@ def main(argv: list[str] | None = None) -> list[Report]:
     p.add_argument("--sites", default=",".join(SITES), help=f"comma-separated subset of: {', '.join(SITES)}")
     p.add_argument("--points", type=int, default=2, help="random kill points per site (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-bad-inputs", action="store_true", help="skip the bad-input table")
     args = p.parse_args(argv)
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     bad = [s for s in sites if s not in SITES]
@@ -334,11 +397,16 @@ def main(argv: list[str] | None = None) -> list[Report]:
             work = Path(tmp) / trainer
             work.mkdir()
             reports.append(run_trainer(trainer, sites, args.points, args.seed, work))
-    print(format_table(reports))
-    for r in reports:
-        print(f"\n{r.trainer}: " + "; ".join(r.log))
-        if r.lost:
-            print(f"{r.trainer} lost: " + "; ".join(r.lost))
+        print(format_table(reports))
+        for r in reports:
+            print(f"\n{r.trainer}: " + "; ".join(r.log))
+            if r.lost:
+                print(f"{r.trainer} lost: " + "; ".join(r.lost))
+        if not args.no_bad_inputs:
+            (Path(tmp) / "bad").mkdir()
+            print("\n| bad input | error |\n|---|---|")
+            for what, error in bad_inputs(Path(tmp) / "bad"):
+                print(f"| {what} | {error.replace('|', '/')} |")
     return reports
 
 
