@@ -149,3 +149,23 @@ def test_a_1x1_level_has_no_attention_transfer_term(gen):
     assert torch.equal(out["at"], out["at/level0"])
     only_1x1 = feature_distillation_loss(students[1:], teachers[1:])
     assert only_1x1["at"] == 0 and torch.equal(only_1x1["loss"], only_1x1["mse"])
+
+
+def test_the_recipes_loss_settings_reach_the_loss(gen):
+    """distillation_loss passes the recipe's norm_axes and weights on: each one changes the result."""
+    from dreamteacher_models.recipes import LossConfig
+    from training.pairing import LevelPair
+
+    pairs = [LevelPair(student_stride=4, teacher_stride=4, teacher_channels=3)]
+    predictions = [torch.randn(2, 3, 4, 4, generator=gen)]
+    teacher = {4: torch.randn(2, 3, 4, 4, generator=gen) * torch.linspace(0.5, 2, 4)}  # a per-pixel scale
+
+    def total(**kw):
+        from training.distiller import distillation_loss
+
+        return distillation_loss(predictions, teacher, pairs, LossConfig(**kw))["loss"].item()
+
+    base = total()
+    assert total(norm_axes="c") != pytest.approx(base)
+    assert total(at_weight=0.0) != pytest.approx(base)
+    assert total(mse_weight=2.0) != pytest.approx(base)

@@ -1,6 +1,7 @@
 """The distillation trainer end to end: tiny UNet teacher, resnet18 student, generated images, in-process."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -233,3 +234,33 @@ def test_streaming_run_trains_and_resumes_and_a_changed_micro_batch_is_refused(t
     with pytest.raises(ValueError, match=r"accumulation: 2 in the checkpoint, 4 now.*micro_batch: 4 .* 2 now"):
         pretrain.main(_args(tmp_path / "run", teacher_dir, data, *common, "--max-steps", "5", "--resume", "latest",
                             "--per-device-batch-size", "2"))
+
+
+def test_lr_follows_warm_up_then_cosine_to_min_lr_by_formula(tmp_path, teacher_dir, idx_dir):
+    # 8 steps, warm-up 0.25 of them (2 steps), peak 1e-3, floor 1e-4: an independent formula, not the code's own
+    out = pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "8", "--lr", "1e-3",
+                              "--epochs", "1", "--set", "optim.warmup_epochs=0.25", "--set", "optim.min_lr=1e-4",
+                              "--checkpoint-every", "0", "--no-export"))
+    lrs = [r["lr"] for r in _metrics(out)]
+
+    def expected(step):  # the lr in force after `step` optimizer steps (the logged value)
+        if step < 2:
+            return 1e-3 * (step + 1) / 2
+        return 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * (step - 2) / 6))
+
+    assert lrs == pytest.approx([expected(s) for s in range(1, 9)], rel=1e-9)
+    assert lrs[-1] == pytest.approx(1e-4)
+
+
+def test_teacher_noise_is_fresh_every_micro_batch(tmp_path, teacher_dir, idx_dir, monkeypatch):
+    draws = []
+    real = pretrain.teacher_targets
+
+    def recording(teacher, cache, batch, images, hflip, noise):
+        draws.append(torch.randn(4, generator=torch.Generator().set_state(noise.get_state())))
+        return real(teacher, cache, batch, images, hflip, noise)
+
+    monkeypatch.setattr(pretrain, "teacher_targets", recording)
+    pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "2", "--no-export"))
+    assert len(draws) == 4  # 2 steps x 2 micro-batches
+    assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1:])
