@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> Path:
                     disable=not accelerator.is_local_main_process)
     window = {"images": 0, "teacher_s": 0.0, "student_s": 0.0, "start": time.perf_counter()}
     noise = torch.Generator(device=accelerator.device)
+    step_losses: dict[str, torch.Tensor] = {}
+    micro_in_step = 0
     while state.step < total_steps:
         (loader if hasattr(loader, "set_epoch") else loader.dataset).set_epoch(state.epoch)
         full_epoch, usable = state.batch_in_epoch == 0, 0
@@ -359,13 +361,18 @@ def main(argv: list[str] | None = None) -> Path:
             window["teacher_s"] += t1 - t0
             window["student_s"] += time.perf_counter() - t1
             window["images"] += images.shape[0] * accelerator.num_processes
+            micro_in_step += 1
+            for key, value in losses.items():  # summed over the step's micro-batches, averaged when logged
+                if "/" not in key:
+                    step_losses[key] = step_losses.get(key, 0.0) + value.detach()
 
             if not accelerator.sync_gradients:
                 continue
             lr_scheduler.step()
             state.step += 1
-            logged = {k: v.detach() for k, v in losses.items() if "/" not in k}
-            gathered = {k: accelerator.gather(v).mean().item() for k, v in logged.items()}
+            # the mean over every micro-batch of the step on every rank: the same figure for any process layout
+            gathered = {k: accelerator.gather(v / micro_in_step).mean().item() for k, v in step_losses.items()}
+            step_losses, micro_in_step = {}, 0
             elapsed = time.perf_counter() - window["start"]
             images_per_s = window["images"] / max(elapsed, 1e-9)
             progress.update(1)
