@@ -149,6 +149,17 @@ def read_checksums(folder: Path) -> dict[str, str]:
     return sums
 
 
+def verify_checksums(folder: Path) -> dict[str, str]:
+    """Check every file SHA256SUMS lists against its digest; raises naming the first that differs or is missing."""
+    sums = read_checksums(folder)
+    for name, digest in sums.items():
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder / name} is listed in SHA256SUMS but missing: re-export the folder")
+        if sha256_of(folder / name) != digest:
+            raise ValueError(f"{folder / name} does not match its SHA256SUMS: re-export it")
+    return sums
+
+
 def _check_no_pickles(folder: Path) -> None:
     pickles = [p.name for p in folder.iterdir() if p.suffix in {".bin", ".pth", ".pt", ".pkl"}]
     if pickles:

@@ -276,3 +276,17 @@ def test_training_run_checkpoint_loads_student_weights(tiny_fmnist, tmp_path):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x))
+
+
+def test_a_tampered_export_is_refused_before_it_is_loaded(tmp_path):
+    import timm
+
+    from training.evaluate import load_backbone
+
+    student = timm.create_model("resnet18", num_classes=0)
+    folder = export_for_hub(student.state_dict(), tmp_path / "export", recipe="resnet18.dreamteacher_fmnist")
+    assert load_backbone(f"local-dir:{folder}") is not None
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match its SHA256SUMS"):
+        load_backbone(f"local-dir:{folder}")

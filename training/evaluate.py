@@ -429,6 +429,12 @@ def load_backbone(
         return load_student(recipe, weights).eval()
     if not model_spec:
         raise ValueError("nothing to evaluate: pass --model NAME (or --checkpoint RUN_DIR)")
+    if _is_local_dir_spec(model_spec):  # an export: its files must match its SHA256SUMS before they are trusted
+        from hub.export import CHECKSUMS_FILENAME, verify_checksums
+
+        folder = Path(model_spec.removeprefix("local-dir:")).expanduser()
+        if (folder / CHECKSUMS_FILENAME).is_file():
+            verify_checksums(folder)
     model = timm.create_model(model_spec, pretrained=not random_init, num_classes=0)
     return model.eval()
 
