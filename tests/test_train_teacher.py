@@ -206,3 +206,22 @@ def test_unet_decoder_levels_at_strides_8_4_2_1():
     assert [32 // s for s in sizes] == [8, 4, 2, 1]
     assert not any("attn" in n.lower() for n, _ in unet.named_modules())
     np.testing.assert_equal(len(unet.down_blocks), 4)
+
+
+@pytest.mark.slow
+def test_two_processes_step_the_lr_once_per_optimizer_step(tmp_path, idx_dir):
+    # a prepared scheduler would step once per process: the cosine would end after half the steps
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_HOME": str(tmp_path / "hf")}
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
+         "training/train_teacher.py", "--data-dir", str(idx_dir), "--output-dir", str(run), "--max-steps", "4",
+         "--lr", "1e-3", "--lr-warmup-steps", "0", "--block-out-channels", "8,8,16,16", "--norm-num-groups", "4",
+         "--batch-size", "4", "--num-samples", "2", "--sample-steps", "2", "--log-every", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * 0.5 * (1 + np.cos(np.pi * s / 4)) for s in (1, 2, 3, 4)],
+                                                    abs=1e-12)
