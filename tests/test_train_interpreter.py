@@ -1,0 +1,77 @@
+"""training/train_interpreter.py on tiny data: both tasks train, validate, export, checkpoint and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+
+from tests.tiny import make_tiny_teacher, write_fashion_mnist
+from training import train_interpreter
+from training.interpreter import DenseInterpreter, PooledInterpreter
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interp")
+    data = write_fashion_mnist(root / "data", n=40)
+    write_fashion_mnist(data, n=16, seed=1, split="test")
+    return make_tiny_teacher(root / "teacher"), data
+
+
+def _run(out, setup, *extra):
+    teacher, data = setup
+    return train_interpreter.main(["--teacher", str(teacher), "--data-dir", str(data), "--output-dir", str(out),
+                                   "--epochs", "2", "--batch-size", "4", "--threads", "1", "--width", "32", *extra])
+
+
+@pytest.mark.parametrize("task, kind", [("classes", PooledInterpreter), ("fmnist-masks", DenseInterpreter)])
+def test_both_tasks_train_validate_and_export(tmp_path, setup, task, kind):
+    from training.data import load_idx_dataset
+    from training.evaluate import balanced_subset, dataset_labels
+
+    labeled = len(balanced_subset(dataset_labels(load_idx_dataset(setup[1])), 0.5)) if task == "classes" else 8
+    extra = ["--labels-fraction", "0.5"] if task == "classes" else ["--labels", "8"]
+    out = _run(tmp_path / "run", setup, "--task", task, *extra, "--report-memory")
+    info = json.loads((out / "interpreter.json").read_text())
+    assert info["task"] == task and info["labeled_images"] == labeled and info["validation"]["images"] == 16
+    assert info["taps"] == {"4": 16, "8": 16} and info["timestep"] == 50 and info["peak_rss_mb"] > 0
+    weights = safetensors.torch.load_file(out / "interpreter.safetensors")
+    model = kind({4: 16, 8: 16}, info["num_classes"], **({"width": 32} if kind is DenseInterpreter else {}))
+    model.load_state_dict(weights)  # the exported weights are the interpreter's, whole
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{2 * (labeled // 4)}"]
+
+
+def test_resume_continues_and_a_fresh_run_over_it_is_refused(tmp_path, setup):
+    first = _run(tmp_path / "run", setup, "--labels-fraction", "0.5")
+    longer = _run(tmp_path / "run", setup, "--labels-fraction", "0.5", "--epochs", "3", "--resume", "latest")
+    assert json.loads((longer / "interpreter.json").read_text())["epochs"] == 3
+    assert len(list((first / "checkpoints").iterdir())) == 1  # keep=1: the newest epoch's
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        _run(tmp_path / "run", setup, "--labels-fraction", "0.5")
+
+
+def test_masks_come_from_the_image_and_flip_with_it(setup):
+    import torch
+
+    from dreamteacher_models.recipes import DEFAULT_RECIPE, get_recipe
+    from training.data import build_transform, load_idx_dataset
+
+    recipe = get_recipe(DEFAULT_RECIPE)
+    hf = load_idx_dataset(setup[1])
+    plain = train_interpreter.LabeledImages(hf, range(8), build_transform(recipe.data, train=False), "fmnist-masks",
+                                            0.5, flip=False, seed=0)
+    flipping = train_interpreter.LabeledImages(hf, range(8), build_transform(recipe.data, train=False),
+                                               "fmnist-masks", 0.5, flip=True, seed=0)
+    flipped = 0
+    for i in range(8):
+        pixels, mask = plain[i]
+        assert mask.shape == pixels.shape[-2:] and set(mask.unique().tolist()) <= {0, 1}
+        gray = (pixels.mean(0) * recipe.data.std[0] + recipe.data.mean[0])  # back to [0, 1]
+        assert ((gray > 0.5) == mask.bool()).float().mean() > 0.9  # the same image, resized the same way
+        seen, seen_mask = flipping[i]
+        if not torch.equal(seen, pixels):
+            flipped += 1
+            assert torch.equal(seen, pixels.flip(-1)) and torch.equal(seen_mask, mask.flip(-1))
+    assert 0 < flipped < 8
