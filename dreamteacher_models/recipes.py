@@ -82,6 +82,16 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class LabelDistillConfig:
+    """The paper's mix-distillation, L_mix = L_feat + weight x soft-CE(student head, interpreter) at `temperature`:
+    on when `interpreter` names a folder written by training/train_interpreter.py."""
+
+    interpreter: str | None = None
+    weight: float = 1.0
+    temperature: float = 4.0
+
+
+@dataclass(frozen=True)
 class Recipe:
     arch: str  # timm architecture
     tag: str  # timm pretrained tag
@@ -96,6 +106,7 @@ class Recipe:
     pairs: tuple[tuple[int, int], ...] = ()
     # timm's zero_init_last (resnet family: each residual block's last BN gamma starts at 0); None = timm's default
     zero_init_last: bool | None = None
+    label_distill: LabelDistillConfig = field(default_factory=LabelDistillConfig)
     status: WeightsStatus = "unpublished"
     license: str = "apache-2.0"
     notes: str = ""

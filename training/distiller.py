@@ -28,10 +28,18 @@ class Distiller(nn.Module):
         self.indices = tuple(indices)
         self.regressor = regressor
         self.pairs = tuple(pairs)
+        self.task_head: nn.Module | None = None  # set for mix-distillation (training/label_distill.py)
 
-    def forward(self, images: Tensor) -> list[Tensor]:
-        """(B, 3, H, W) -> [(B, teacher channels, H / student stride, W / student stride)] per pair, finest first."""
-        return self.regressor(student_pyramid(self.student, images, self.indices))
+    def forward(self, images: Tensor, with_logits: bool = False) -> list[Tensor] | tuple[list[Tensor], Tensor]:
+        """(B, 3, H, W) -> [(B, teacher channels, H / student stride, W / student stride)] per pair, finest first;
+        with `with_logits`, also the task head's logits (passed through the call, so DDP sees one forward)."""
+        pyramid = student_pyramid(self.student, images, self.indices)
+        predictions = self.regressor(pyramid)
+        if not with_logits:
+            return predictions
+        if self.task_head is None:
+            raise ValueError("this distiller has no task head: set recipe.label_distill.interpreter")
+        return predictions, self.task_head(pyramid, predictions)
 
 
 def build_recipe_student(recipe: Recipe) -> nn.Module:

@@ -54,7 +54,9 @@ from training.data import (
 from training.distiller import build_distiller, distillation_loss
 from training.feature_cache import FeatureCache, cache_key, open_or_build_feature_cache
 from training.hardware import cpu_threads_per_process
+from training.label_distill import build_task_head, label_distillation_loss, load_interpreter, save_task_head
 from training.pairing import describe_pairs
+from training.regressor import student_levels
 from training.run_layout import (
     RESOLVED_RECIPE_FILENAME,
     append_metrics,
@@ -94,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     teacher.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"],
                          help="teacher autocast dtype (default: bf16/fp16 when --mixed_precision says so, else fp32)")
     teacher.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU speed-up)")
+    teacher.add_argument("--interpreter", metavar="DIR",
+                         help="mix-distillation: the interpreter folder from training/train_interpreter.py (sets "
+                              "recipe.label_distill.interpreter); the student gets a task head learning its soft "
+                              "labels (training/label_distill.py)")
     teacher.add_argument("--feature-cache", metavar="DIR",
                          help="opt-in: read the teacher's features from a cache of K encodings per image at DIR, "
                               "built there first when missing (training/feature_cache.py: a deviation from the "
@@ -119,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ckpt.add_argument("--feature-images", type=int, default=4,
                       help="with each checkpoint save a PNG of teacher vs student features for N fixed images (0: off)")
     ckpt.add_argument("--no-export", action="store_true", help="skip exporting the student at the end")
+    ckpt.add_argument("--export-task-head", action="store_true",
+                      help="with --interpreter: also write the student's task head to <output-dir>/task_head")
     return p.parse_args(argv)
 
 
@@ -127,7 +135,7 @@ def resolve_recipe(args: argparse.Namespace) -> Recipe:
     recipe = get_recipe(args.recipe)
     overrides = list(args.overrides)
     for flag, field in (("teacher", "teacher.source"), ("batch_size", "optim.batch_size"), ("lr", "optim.lr"),
-                        ("epochs", "optim.epochs")):
+                        ("epochs", "optim.epochs"), ("interpreter", "label_distill.interpreter")):
         if getattr(args, flag) is not None:
             overrides.append(f"{field}={getattr(args, flag)!r}")
     return apply_overrides(recipe, overrides)
@@ -240,6 +248,11 @@ def main(argv: list[str] | None = None) -> Path:
     pairs = model.pairs
     recipe = dataclasses.replace(recipe, pairs=tuple((p.student_stride, p.teacher_stride) for p in pairs))
     teacher.keep_strides({p.teacher_stride for p in pairs})  # an unpaired level is never computed
+    interpreter = interpreter_info = None
+    if recipe.label_distill.interpreter:  # mix-distillation: a frozen interpreter, a task head on the student
+        interpreter, interpreter_info = load_interpreter(recipe.label_distill.interpreter, teacher)
+        c5_channels = max(student_levels(model.student, recipe.arch).items())[1][1]
+        model.task_head = build_task_head(interpreter_info, c5_channels, [p.teacher_channels for p in pairs])
     if accelerator.is_main_process:
         logger.info("teacher taps:\n%s", describe_taps(teacher, recipe.data.input_size[1:]))
         logger.info("student levels <- teacher taps, by stride:\n%s\n%s",
@@ -343,7 +356,15 @@ def main(argv: list[str] | None = None) -> Path:
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):
-                losses = distillation_loss(model(images), teacher_maps, pairs, recipe.loss)
+                if interpreter is None:
+                    losses = distillation_loss(model(images), teacher_maps, pairs, recipe.loss)
+                else:
+                    predictions, logits = model(images, with_logits=True)
+                    losses = distillation_loss(predictions, teacher_maps, pairs, recipe.loss)
+                    with torch.no_grad():
+                        soft_labels = interpreter(teacher_maps)
+                    losses["ld"] = label_distillation_loss(logits, soft_labels, recipe.label_distill.temperature)
+                    losses["loss"] = losses["loss"] + recipe.label_distill.weight * losses["ld"]
                 # every micro-batch, on every rank, before its gradient can reach the weights
                 finite = torch.isfinite(losses["loss"].detach()).float().reshape(1)
                 if not accelerator.gather(finite).all():
@@ -409,6 +430,9 @@ def main(argv: list[str] | None = None) -> Path:
         student = accelerator.unwrap_model(model).student
         export = export_for_hub(student.state_dict(), output_dir / "export", recipe=recipe)
         logger.info("exported the student to %s: timm.create_model('local-dir:%s', pretrained=True)", export, export)
+    if args.export_task_head and interpreter is not None and accelerator.is_main_process:
+        head = save_task_head(accelerator.unwrap_model(model).task_head, interpreter_info, output_dir / "task_head")
+        logger.info("task head written to %s", head)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers and the process group: last
     return output_dir
