@@ -61,9 +61,8 @@ def test_masks_come_from_the_image_and_flip_with_it(setup):
     recipe = get_recipe(DEFAULT_RECIPE)
     hf = load_idx_dataset(setup[1])
     plain = train_interpreter.LabeledImages(hf, range(8), build_transform(recipe.data, train=False), "fmnist-masks",
-                                            0.5, flip=False, seed=0)
-    flipping = train_interpreter.LabeledImages(hf, range(8), build_transform(recipe.data, train=False),
-                                               "fmnist-masks", 0.5, flip=True, seed=0)
+                                            0.5)
+    flipping = train_interpreter.JointFlip(plain, seed=0)
     flipped = 0
     for i in range(8):
         pixels, mask = plain[i]
@@ -75,3 +74,58 @@ def test_masks_come_from_the_image_and_flip_with_it(setup):
             flipped += 1
             assert torch.equal(seen, pixels.flip(-1)) and torch.equal(seen_mask, mask.flip(-1))
     assert 0 < flipped < 8
+
+
+def _benchmark_replica(root, n_train=6, n_test=2, classes=5, size=40):
+    """A tiny DDPM-seg-style folder: real/train and real/test, PNG images with .npy class masks."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        folder = root / "real" / split
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+            np.save(folder / f"{i:03d}.npy", rng.integers(0, classes, (size, size)).astype(np.uint8))
+    return root
+
+
+def test_the_benchmark_loader_reads_the_layout_and_names_bad_masks(tmp_path):
+    import numpy as np
+
+    from dreamteacher_models.recipes import DEFAULT_RECIPE, get_recipe
+    from training.data import build_transform
+    from training.dense_labels import MaskedImages, num_classes_of, split_folder
+
+    root = _benchmark_replica(tmp_path / "cat_15", classes=15)
+    assert num_classes_of(root, None) == 15 and num_classes_of(tmp_path, 7) == 7
+    with pytest.raises(ValueError, match="pass --num-classes"):
+        num_classes_of(tmp_path, None)
+    transform = build_transform(get_recipe(DEFAULT_RECIPE).data, train=False)
+    train = MaskedImages(split_folder(root, "train"), 15, transform, (32, 32), limit=4)
+    pixels, mask = train[0]
+    assert len(train) == 4 and pixels.shape == (3, 32, 32) and mask.shape == (32, 32) and int(mask.max()) < 15
+    _, full = train.read(0)
+    assert np.array_equal(full, np.load(root / "real" / "train" / "000.npy"))
+
+    folder = root / "real" / "train"
+    np.save(folder / "001.npy", np.zeros((20, 40), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"001\.npy has shape \(20, 40\); its image is 40x40"):
+        train[1]
+    np.save(folder / "002.npy", np.full((40, 40), 17, dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"002\.npy holds class ids \[17\] outside \[0, 15\)"):
+        train[2]
+    (folder / "003.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no mask .* for 003\.png"):
+        MaskedImages(folder, 15, transform, (32, 32))
+
+
+def test_masks_task_trains_on_a_benchmark_folder(tmp_path, setup):
+    root = _benchmark_replica(tmp_path / "horse_21", classes=21)
+    out = train_interpreter.main(["--teacher", str(setup[0]), "--data-dir", str(root), "--task", "masks",
+                                  "--labels", "4", "--output-dir", str(tmp_path / "run"), "--epochs", "1",
+                                  "--batch-size", "2", "--threads", "1", "--width", "32"])
+    info = json.loads((out / "interpreter.json").read_text())
+    assert info["num_classes"] == 21 and info["labeled_images"] == 4 and info["validation"]["metric"] == "mIoU"
+    assert info["validation"]["images"] == 2

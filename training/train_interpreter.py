@@ -12,6 +12,9 @@ The teacher is the recipe's (its taps paired with the student, at the recipe's t
 * `fmnist-masks`: dense foreground/background masks derived from the images themselves (a pixel is foreground when
   its gray value exceeds `--mask-threshold`; no such labels ship with Fashion-MNIST), the first `--labels` train
   images; `DenseInterpreter`, CE + 3 Dice; validated by mean IoU on t10k.
+* `masks`: a label-efficient segmentation benchmark folder (DDPM-seg / DatasetGAN layout, training/dense_labels.py:
+  images + `.npy` class masks in real/train and real/test), the first `--labels` train images, `--num-classes`
+  (read from the folder's name for ffhq_34, celeba_19, bedroom_28, cat_15, horse_21); ignore id 255.
 
 Features are computed batch by batch with a fresh stochastic encoding each time (the same augmentation the
 student's targets get), never held for the whole set, so memory stays at one batch whatever the labeled set's
@@ -43,6 +46,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from dreamteacher_models.recipes import DEFAULT_RECIPE, apply_overrides, get_recipe  # noqa: E402
 from training.data import build_transform, data_source, load_image_dataset  # noqa: E402
+from training.dense_labels import IGNORE_ID, MaskedImages, num_classes_of, split_folder  # noqa: E402
 from training.distiller import build_distiller  # noqa: E402
 from training.evaluate import balanced_subset, dataset_labels  # noqa: E402
 from training.hardware import cpu_threads_per_process  # noqa: E402
@@ -59,7 +63,7 @@ from training.schedule import TrainState, cosine_with_warmup  # noqa: E402
 from training.teachers import build_teacher  # noqa: E402
 
 logger = logging.getLogger("dreamteacher.train_interpreter")
-TASKS = ("classes", "fmnist-masks")
+TASKS = ("classes", "fmnist-masks", "masks")
 WEIGHTS = "interpreter.safetensors"
 INFO = "interpreter.json"
 
@@ -70,7 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--teacher", help="teacher folder (default: the recipe's)")
     p.add_argument("--task", choices=TASKS, default="classes")
-    p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: the recipe's)")
+    p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: the recipe's); for --task masks the "
+                                      "benchmark folder")
+    p.add_argument("--num-classes", type=int, help="--task masks: classes (default: from the folder's name)")
     p.add_argument("--labels-fraction", type=float, default=0.01, help="classes: balanced fraction labeled (0.01)")
     p.add_argument("--labels", type=int, default=40, help="fmnist-masks: labeled images (default 40)")
     p.add_argument("--mask-threshold", type=float, default=0.2, help="fmnist-masks: foreground gray level (0-1)")
@@ -90,12 +96,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class LabeledImages(torch.utils.data.Dataset):
-    """(image, target) pairs: a class index, or a foreground mask derived from the image; flipped together."""
+class JointFlip(torch.utils.data.Dataset):
+    """(image, target) pairs of `dataset`, both mirrored (a mask's width too) on a coin per (seed, epoch, index),
+    so a resumed epoch flips the same images."""
 
-    def __init__(self, hf, indices, transform, task: str, threshold: float, flip: bool, seed: int):
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        pixels, target = self.dataset[i]
+        coin = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0xFFFF_FFFF)
+        if torch.rand((), generator=coin) < 0.5:
+            pixels = pixels.flip(-1)
+            target = target.flip(-1) if target.ndim else target
+        return pixels, target
+
+
+class LabeledImages(torch.utils.data.Dataset):
+    """Fashion-MNIST (image, target) pairs: a class index, or a foreground mask derived from the image."""
+
+    def __init__(self, hf, indices, transform, task: str, threshold: float):
         self.hf, self.indices, self.transform = hf, list(indices), transform
-        self.task, self.threshold, self.flip, self.seed, self.epoch = task, threshold, flip, seed, 0
+        self.task, self.threshold = task, threshold
         self.labels = dataset_labels(hf) if task == "classes" else None
 
     def __len__(self) -> int:
@@ -111,28 +136,47 @@ class LabeledImages(torch.utils.data.Dataset):
             size = (pixels.shape[-1], pixels.shape[-2])  # PIL: (width, height)
             gray = np.asarray(image.convert("L").resize(size), dtype=np.float32) / 255.0
             target = torch.from_numpy(gray > self.threshold).long()
-        if self.flip:  # a coin per (seed, epoch, image): the same after a resume
-            coin = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0xFFFF_FFFF)
-            if torch.rand((), generator=coin) < 0.5:
-                pixels = pixels.flip(-1)
-                target = target.flip(-1) if target.ndim else target
         return pixels, target
 
 
-def build_interpreter(task: str, teacher, width: int) -> torch.nn.Module:
+def build_interpreter(task: str, teacher, width: int, num_classes: int) -> torch.nn.Module:
     channels = dict(zip(teacher.strides, teacher.channels, strict=True))
     if task == "classes":
-        return PooledInterpreter(channels, 10)
-    return DenseInterpreter(channels, 2, width=width)
+        return PooledInterpreter(channels, num_classes)
+    return DenseInterpreter(channels, num_classes, width=width)
+
+
+def labeled_sets(args, recipe) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, int]:
+    """(labeled train set, validation set, classes) for the task."""
+    transform = build_transform(recipe.data, train=False)
+    if args.task == "masks":
+        if not args.data_dir:
+            raise ValueError("--task masks needs --data-dir, a benchmark folder with real/train and real/test")
+        classes = num_classes_of(args.data_dir, args.num_classes)
+        size = tuple(recipe.data.input_size[1:])
+        train = MaskedImages(split_folder(args.data_dir, "train"), classes, transform, size, limit=args.labels)
+        val = MaskedImages(split_folder(args.data_dir, "test"), classes, transform, size, limit=args.max_val)
+        return train, val, classes
+    source = data_source(args.data_dir)
+    train_hf = load_image_dataset(source, "train", recipe_data=recipe.data)
+    test_hf = load_image_dataset(source, "test", recipe_data=recipe.data)
+    if args.task == "classes":
+        labeled = balanced_subset(dataset_labels(train_hf), args.labels_fraction, seed=args.seed)
+    else:
+        labeled = np.arange(min(args.labels, len(train_hf)))
+    val_indices = range(min(args.max_val or len(test_hf), len(test_hf)))
+    return (LabeledImages(train_hf, labeled, transform, args.task, args.mask_threshold),
+            LabeledImages(test_hf, val_indices, transform, args.task, args.mask_threshold),
+            10 if args.task == "classes" else 2)
 
 
 @torch.no_grad()
-def validate(interpreter, teacher, loader, task: str, device, seed: int) -> float:
-    """top-1 (%) for classes, mean IoU (%) over background/foreground for masks."""
+def validate(interpreter, teacher, loader, task: str, device, seed: int, num_classes: int) -> float:
+    """top-1 (%) for classes, mean IoU (%) over the classes present for masks (the ignore id left out)."""
     interpreter.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     correct = total = 0
-    inter, union = torch.zeros(2), torch.zeros(2)
+    inter, union = torch.zeros(num_classes), torch.zeros(num_classes)
     for images, targets in loader:
         logits = interpreter(teacher(images.to(device), generator=generator)).cpu()
         if task == "classes":
@@ -141,14 +185,15 @@ def validate(interpreter, teacher, loader, task: str, device, seed: int) -> floa
         else:
             logits = torch.nn.functional.interpolate(logits, size=targets.shape[-2:], mode="bilinear",
                                                      align_corners=False)
-            pred = logits.argmax(1)
-            for c in (0, 1):
-                inter[c] += ((pred == c) & (targets == c)).sum()
-                union[c] += ((pred == c) | (targets == c)).sum()
+            pred, valid = logits.argmax(1), targets != IGNORE_ID
+            for c in range(num_classes):
+                inter[c] += ((pred == c) & (targets == c) & valid).sum()
+                union[c] += (((pred == c) & valid) | (targets == c)).sum()
     interpreter.train()
     if task == "classes":
         return 100.0 * correct / max(total, 1)
-    return float(100.0 * (inter / union.clamp(min=1)).mean())
+    present = union > 0
+    return float(100.0 * (inter[present] / union[present]).mean()) if present.any() else 0.0
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -171,22 +216,12 @@ def main(argv: list[str] | None = None) -> Path:
     teacher.keep_strides({pair.teacher_stride for pair in distiller.pairs})  # the taps the student distils
     del distiller
 
-    source = data_source(args.data_dir)
-    train_hf = load_image_dataset(source, "train", recipe_data=recipe.data)
-    test_hf = load_image_dataset(source, "test", recipe_data=recipe.data)
-    if args.task == "classes":
-        labeled = balanced_subset(dataset_labels(train_hf), args.labels_fraction, seed=args.seed)
-    else:
-        labeled = np.arange(min(args.labels, len(train_hf)))
-    transform = build_transform(recipe.data, train=False)
-    train_set = LabeledImages(train_hf, labeled, transform, args.task, args.mask_threshold, recipe.data.hflip,
-                              args.seed)
-    val_set = LabeledImages(test_hf, range(min(args.max_val or len(test_hf), len(test_hf))), transform, args.task,
-                            args.mask_threshold, False, args.seed)
+    labeled_set, val_set, num_classes = labeled_sets(args, recipe)
+    train_set = JointFlip(labeled_set, args.seed) if recipe.data.hflip else labeled_set
     loader = torch.utils.data.DataLoader(train_set, batch_size=min(args.batch_size, len(train_set)), shuffle=True,
                                          generator=torch.Generator().manual_seed(args.seed), drop_last=True)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=256)
-    interpreter = build_interpreter(args.task, teacher, args.width)
+    interpreter = build_interpreter(args.task, teacher, args.width, num_classes)
     optimizer = torch.optim.AdamW(interpreter.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
     total_steps = args.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total_steps, 0))
@@ -206,13 +241,15 @@ def main(argv: list[str] | None = None) -> Path:
                     disable=not accelerator.is_local_main_process)
     score = None
     while state.epoch < args.epochs:
-        train_set.epoch = state.epoch
+        if isinstance(train_set, JointFlip):
+            train_set.epoch = state.epoch
         loader.generator.manual_seed(args.seed * 1_000_003 + state.epoch)
         for images, targets in loader:
             noise.manual_seed(args.seed * 1_000_003 + state.micro_step)
             state.micro_step += 1
             features = teacher(images.to(accelerator.device), generator=noise)  # this batch's only
-            losses = interpreter_loss(interpreter(features), targets.to(accelerator.device))
+            losses = interpreter_loss(interpreter(features), targets.to(accelerator.device), ignore_index=IGNORE_ID
+                                      if args.task != "classes" else None)
             if not torch.isfinite(losses["loss"]):
                 raise FloatingPointError(f"non-finite interpreter loss at step {state.step + 1}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
@@ -221,7 +258,7 @@ def main(argv: list[str] | None = None) -> Path:
             scheduler.step()
             state.step += 1
         state.epoch += 1
-        score = validate(interpreter, teacher, val_loader, args.task, accelerator.device, args.seed)
+        score = validate(interpreter, teacher, val_loader, args.task, accelerator.device, args.seed, num_classes)
         progress.update(1)
         progress.set_postfix(loss=f"{losses['loss'].item():.3f}", val=f"{score:.2f}")
         save_checkpoint(accelerator, output_dir, state.step, keep=1, facts=facts)
