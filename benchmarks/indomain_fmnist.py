@@ -372,6 +372,8 @@ def _cost_cells(method: str, pre: dict[str, Any]) -> list[str]:
                 str(pre.get("steps", "—")), _fmt(pre.get("images_per_s"), ".0f")]
     if method == "teacher":
         return ["—", pre.get("teacher_training") or "—", "—", "—"]
+    if method == "pixels":
+        return ["—", "—", "—", "—"]
     return ["0 s", "—", "0", "—"]
 
 
