@@ -38,9 +38,34 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
+def write_parquet_shards(folder, shards: int = 4, per_shard: int = 3, size: int = 36):
+    """The Hub's ImageNet layout in miniature: data/train-0000i-of-0000n.parquet with image bytes and labels."""
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "data").mkdir(parents=True)
+    for shard in range(shards):
+        images = []
+        for _ in range(per_shard):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+            images.append({"bytes": buffer.getvalue(), "path": None})
+        ds = datasets.Dataset.from_dict({"image": images, "label": list(range(per_shard))},
+                                        features=datasets.Features({"image": datasets.Image(),
+                                                                    "label": datasets.Value("int64")}))
+        ds.to_parquet(str(folder / "data" / f"train-{shard:05d}-of-{shards:05d}.parquet"))
+    return folder
+
+
 @pytest.mark.slow
-def test_two_ranks_stream_disjoint_halves_that_cover_the_data(tmp_path):
-    data = write_image_folder(tmp_path / "images", n=12)
+@pytest.mark.parametrize("layout", ["image folder", "parquet shards"])
+def test_two_ranks_stream_disjoint_halves_that_cover_the_data(tmp_path, layout):
+    data = (write_image_folder(tmp_path / "images", n=12) if layout == "image folder"
+            else write_parquet_shards(tmp_path / "imagenet"))
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",

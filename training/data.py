@@ -4,6 +4,8 @@ Sources (`load_image_dataset`), all returned as a `datasets.Dataset` (or `Iterab
 rows have an ``"image"`` (PIL) and, when known, a ``"label"``:
 
 * a local folder of Fashion-MNIST IDX files (``train-images-idx3-ubyte[.gz]`` ...), read with `read_idx`;
+* a local copy of a Hub dataset's parquet shards (``data/<split>-00000-of-00004.parquet``, the layout of
+  ``ILSVRC/imagenet-1k``): ``datasets.load_dataset("parquet", ...)``, streamable;
 * any other local folder of images: ``datasets.load_dataset("imagefolder", data_dir=...)``;
 * a Hub dataset id: ``datasets.load_dataset(id, split=..., streaming=...)`` (only when ``HF_HUB_OFFLINE`` is unset).
 
@@ -203,6 +205,16 @@ def data_source(data_dir: str | os.PathLike | None, dataset: str | None = None) 
     return dataset
 
 
+def _parquet_shards(folder: Path, split: str) -> list[str]:
+    """A local copy of a Hub dataset's parquet shards for `split` (<split>-*.parquet anywhere under the folder;
+    'validation' stands in for 'test')."""
+    for name in (split, "validation") if split == "test" else (split,):
+        shards = sorted(str(p) for p in folder.rglob(f"{name}-*.parquet"))
+        if shards:
+            return shards
+    return []
+
+
 def _has_images(folder: Path) -> bool:
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
@@ -246,6 +258,10 @@ def load_image_dataset(
         idx_dir = _local_idx_dir(path)
         if idx_dir is not None:
             return load_idx_dataset(idx_dir, split)
+        shards = _parquet_shards(path, split)
+        if shards:  # the Hub's layout (e.g. ILSVRC/imagenet-1k): data/<split>-0000i-of-0000n.parquet
+            return datasets.load_dataset("parquet", data_files={split: shards}, split=split, streaming=streaming,
+                                         cache_dir=cache_dir)
         if not _has_images(path):
             raise ValueError(f"data folder {path} holds no images (nor Fashion-MNIST IDX files); image files need a "
                              "known extension such as .png, .jpg or .webp")
