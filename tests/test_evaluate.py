@@ -13,13 +13,14 @@ import timm
 import torch
 
 from hub.export import export_for_hub
-from tests.tiny import write_fashion_mnist, write_image_folder
+from tests.tiny import write_fashion_mnist, write_idx, write_image_folder
 from training.evaluate import (
     balanced_subset,
     check_fraction,
     dataset_labels,
     evaluate,
     extract_features,
+    finetune,
     knn_classify,
     linear_probe,
     load_backbone,
@@ -39,6 +40,19 @@ def tiny_fmnist(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def dark_or_bright(tmp_path_factory):
+    """Fashion-MNIST-shaped IDX files whose two classes even a random network tells apart: dark or bright images."""
+    folder = tmp_path_factory.mktemp("dark_or_bright")
+    for prefix, n, seed in (("train", 40, 0), ("t10k", 20, 1)):
+        rng = np.random.default_rng(seed)
+        labels = np.arange(n) % 2
+        images = np.clip(40 + 170 * labels[:, None, None] + rng.normal(0, 15, (n, 28, 28)), 0, 255)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+    return folder
+
+
 def _blobs(n_per_class, num_classes, dim, seed, spread=0.3):
     """Well separated classes: each a tight cloud around its own random direction."""
     g = torch.Generator().manual_seed(seed)
@@ -51,10 +65,10 @@ def _blobs(n_per_class, num_classes, dim, seed, spread=0.3):
 # the whole run
 
 
-def test_cli_script_runs_all_protocols_and_writes_the_results_json(tiny_fmnist, tmp_path):
+def test_cli_script_runs_all_protocols_and_writes_the_results_json(dark_or_bright, tmp_path):
     out = tmp_path / "results.json"
     cmd = [sys.executable, str(REPO / "training" / "evaluate.py"), "--model", "resnet18", "--random-init",
-           "--data-dir", str(tiny_fmnist), "--ft-epochs", "1", "--ft-batch-size", "8", "--probe-iters", "50",
+           "--data-dir", str(dark_or_bright), "--ft-epochs", "1", "--ft-batch-size", "8", "--probe-iters", "50",
            "--threads", "1", "--no-progress", "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -65,6 +79,8 @@ def test_cli_script_runs_all_protocols_and_writes_the_results_json(tiny_fmnist, 
     assert list(report["results"]) == ["linear probe", "kNN k=20", "fine-tune 1%", "fine-tune 10%"]
     for row in report["results"].values():
         assert list(row) == ["top1"] and 0.0 <= row["top1"] <= 100.0
+    # frozen random features separate dark from bright: the scores are of these images and labels, aligned
+    assert report["results"]["linear probe"]["top1"] == 100.0 and report["results"]["kNN k=20"]["top1"] == 100.0
     assert set(report["machine"]) >= {"torch", "threads", "cpu"} and report["machine"]["threads"] == 1
     settings = report["settings"]
     assert settings["train_images"] == 40 and settings["test_images"] == 20 and settings["weights"] == "random init"
@@ -143,6 +159,32 @@ def test_linear_probe_on_separable_features_is_perfect():
     # deterministic
     again = linear_probe(train_x, train_y, test_x, test_y, seed=0)
     assert again["top1"] == out["top1"] and torch.equal(again["predictions"], out["predictions"])
+
+
+def _brightness_loaders(n_train=32, n_test=16):
+    """Two classes told apart only by the images' mean brightness (dark / bright), in the evaluation's batch dicts."""
+    def split(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.arange(2).repeat(n // 2)
+        images = (labels.float() - 0.5).view(-1, 1, 1, 1) + 0.2 * torch.randn(n, 3, 8, 8, generator=g)
+        return [{"pixel_values": x, "labels": y} for x, y in zip(images, labels, strict=True)]
+
+    return (torch.utils.data.DataLoader(split(n_train, 0), batch_size=8, shuffle=True),
+            torch.utils.data.DataLoader(split(n_test, 1), batch_size=8))
+
+
+@pytest.mark.parametrize("lr, expected_top1", [(0.05, 100.0), (0.0, 50.0)])
+def test_finetune_trains_the_backbone_not_only_the_head(lr, expected_top1):
+    # a zero conv's features carry nothing: only a fine-tuned backbone (with a working optimizer and schedule) can
+    # tell the classes apart; with lr 0 it predicts one class for every image
+    backbone = torch.nn.Conv2d(3, 4, 3, padding=1)
+    torch.nn.init.zeros_(backbone.weight)
+    torch.nn.init.zeros_(backbone.bias)
+    train, test = _brightness_loaders()
+    out = finetune(backbone, train, test, num_classes=2, epochs=10, lr=lr, weight_decay=0.0, input_size=(3, 8, 8),
+                   progress=False)
+    assert out["top1"] == expected_top1 and out["steps"] == 40 and out["train_images"] == 320
+    assert not backbone.weight.any()  # the caller's model is left untouched
 
 
 def test_extract_features_are_pooled_eval_mode_and_aligned(tiny_fmnist):

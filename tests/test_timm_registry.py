@@ -123,3 +123,40 @@ def test_import_stays_light():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
     assert dreamteacher_models.__version__
+
+
+@pytest.fixture
+def online_but_no_network(monkeypatch):
+    """HF_HUB_OFFLINE unset, every way out recorded and refused: what a connected user's machine would try."""
+    import socket
+
+    import timm.models._hub as timm_hub
+
+    attempts = []
+
+    def refuse_connect(sock, address, *args):
+        attempts.append(("connect", address))
+        raise OSError(f"test: no network ({address})")
+
+    def refuse_download(repo_id, filename=None, **kwargs):
+        attempts.append(("hf_hub_download", repo_id, filename))
+        raise OSError(f"test: no network ({repo_id}/{filename})")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(socket.socket, "connect", refuse_connect)
+    monkeypatch.setattr(timm_hub, "hf_hub_download", refuse_download)
+    return attempts
+
+
+def test_online_unpublished_weights_are_refused_without_a_network_call(tmp_path, online_but_no_network):
+    with pytest.raises(WeightsNotAvailableError, match="not published"):
+        timm.create_model("resnet50.dreamteacher_in1k", pretrained=True, cache_dir=tmp_path)
+    assert online_but_no_network == []
+
+
+def test_online_published_weights_are_fetched_from_the_recipes_repo(tmp_path, monkeypatch, online_but_no_network):
+    recipe = dataclasses.replace(get_recipe("resnet18.dreamteacher_fmnist"), status="published")
+    monkeypatch.setitem(_registry._model_entrypoints["resnet18"]._dreamteacher_recipes, recipe.tag, recipe)
+    with pytest.raises(WeightsNotAvailableError, match="Cause: test: no network"):
+        timm.create_model(recipe.name, pretrained=True, cache_dir=tmp_path)
+    assert online_but_no_network == [("hf_hub_download", recipe.hub_id, "model.safetensors")]

@@ -225,3 +225,34 @@ def test_two_processes_step_the_lr_once_per_optimizer_step(tmp_path, idx_dir):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["lr"] for r in rows] == pytest.approx([1e-3 * 0.5 * (1 + np.cos(np.pi * s / 4)) for s in (1, 2, 3, 4)],
                                                     abs=1e-12)
+
+
+class _OracleUNet(torch.nn.Module):
+    """Knows the clean images, so it inverts the forward process exactly: returns the noise or the clean images."""
+
+    def __init__(self, scheduler, clean, returns):
+        super().__init__()
+        self.scheduler, self.clean, self.returns = scheduler, clean, returns
+
+    def forward(self, noisy, t, return_dict=False):
+        abar = self.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noise = (noisy - abar.sqrt() * self.clean) / (1 - abar).sqrt()
+        return (noise if self.returns == "noise" else self.clean,)
+
+
+@pytest.mark.parametrize("prediction_type, right, wrong", [("epsilon", "noise", "clean"),
+                                                           ("sample", "clean", "noise")])
+def test_denoising_loss_targets_what_the_scheduler_predicts(prediction_type, right, wrong):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    clean, noise = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 250, 500, 999])
+    exact = train_teacher.denoising_loss(_OracleUNet(scheduler, clean, right), scheduler, clean, noise, t)
+    mistaken = train_teacher.denoising_loss(_OracleUNet(scheduler, clean, wrong), scheduler, clean, noise, t)
+    assert exact.item() < 1e-8 and mistaken.item() > 0.5
+
+
+def test_the_default_teacher_is_trained_to_predict_the_noise():
+    assert train_teacher.build_scheduler().config.prediction_type == "epsilon"

@@ -157,6 +157,24 @@ def build_scheduler(num_train_timesteps: int = 1000):
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear", prediction_type="epsilon")
 
 
+def denoising_loss(unet, noise_scheduler, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The DDPM objective: MSE between the UNet's output on the noised images and the scheduler's training target
+    (the noise for `epsilon`, as diffusers' train_unconditional.py; the clean images for `sample`; the velocity for
+    `v_prediction`), so the teacher is trained for what its exported scheduler will assume when sampling."""
+    noisy = noise_scheduler.add_noise(clean, noise, t)
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "sample":
+        target = clean
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(clean, noise, t)
+    else:
+        raise ValueError(f"unknown prediction_type {kind!r}; allowed: epsilon, sample, v_prediction")
+    pred = unet(noisy, t, return_dict=False)[0]
+    return F.mse_loss(pred.float(), target.float())
+
+
 class TrainState:
     """Where the loop is, saved with each checkpoint (``accelerator.register_for_checkpointing``) so a resume
     continues exactly: the diffusion noise of every micro-batch is drawn from (seed, micro-step, rank), never from a
@@ -412,10 +430,8 @@ def main(argv: list[str] | None = None) -> Path:
             noise = torch.randn(clean.shape, generator=noise_gen, device=clean.device, dtype=clean.dtype)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=noise_gen,
                               device=clean.device)
-            noisy = noise_scheduler.add_noise(clean, noise, t)
             with accelerator.accumulate(unet):
-                pred = unet(noisy, t, return_dict=False)[0]
-                loss = F.mse_loss(pred.float(), noise.float())
+                loss = denoising_loss(unet, noise_scheduler, clean, noise, t)
                 if not accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).all():
                     raise FloatingPointError(
                         f"non-finite loss at step {state.step + 1}; stopped before the optimizer step, without "
