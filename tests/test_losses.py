@@ -37,6 +37,11 @@ def test_layer_norm_axes(gen):
     assert torch.allclose(c.var(dim=1, unbiased=False), torch.ones(2, 4, 5), atol=1e-3)
     with pytest.raises(ValueError, match=r"'hw'.*\['c', 'chw'\]"):
         layer_norm_features(f, "hw")
+    assert torch.equal(layer_norm_features(f), chw)  # per sample over (C, H, W) unless told otherwise
+
+
+def test_layer_norm_of_a_constant_map_is_zero_not_nan():
+    assert torch.equal(layer_norm_features(torch.full((1, 2, 3, 3), 4.0)), torch.zeros(1, 2, 3, 3))
 
 
 @pytest.mark.parametrize("axes", ["chw", "c"])
@@ -53,7 +58,7 @@ def test_mse_invariant_to_per_sample_affine_teacher(gen):
 
 
 def test_mse_shape_mismatch_names_both_shapes():
-    with pytest.raises(ValueError, match=r"\(2, 6, 4, 4\).*\(2, 6, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"^feature_mse_loss: .*\(2, 6, 4, 4\).*\(2, 6, 8, 8\)"):
         feature_mse_loss(torch.zeros(2, 6, 4, 4), torch.zeros(2, 6, 8, 8))
 
 
@@ -169,3 +174,43 @@ def test_the_recipes_loss_settings_reach_the_loss(gen):
     assert total(norm_axes="c") != pytest.approx(base)
     assert total(at_weight=0.0) != pytest.approx(base)
     assert total(mse_weight=2.0) != pytest.approx(base)
+
+
+def test_attention_transfer_at_p4_uses_p_for_the_map_and_the_norm(gen):
+    student, teacher = torch.randn(2, 2, 3, 4, 4, generator=gen)
+
+    def q(f):
+        q = f.abs().pow(4).sum(1).flatten(1)
+        return q / q.norm(dim=1, keepdim=True)
+
+    expected = (q(student) - q(teacher)).abs().pow(4).sum(1).pow(0.25).mean()
+    assert attention_transfer_loss(student, teacher, p=4).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_two_pixel_level_has_an_attention_transfer_term(gen):
+    students, teachers = [torch.randn(2, 4, 1, 2, generator=gen)], [torch.randn(2, 4, 1, 2, generator=gen)]
+    out = feature_distillation_loss(students, teachers)
+    assert out["at"] > 0 and torch.equal(out["at"], out["at/level0"])
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (3, 5, 7)])
+def test_soft_cross_entropy_equals_the_reference_formula_on_any_layout(gen, shape):
+    """Classes on dim 1 for (B, K) and (B, K, N) too; the default temperature is the paper's 4."""
+    student, teacher = torch.randn(2, *shape, generator=gen) * 3
+    for temperature in (None, 2.0):
+        t = 4.0 if temperature is None else temperature
+        reference = -(torch.softmax(teacher / t, 1) * torch.log_softmax(student / t, 1)).sum(1).mean() * t * t
+        kwargs = {} if temperature is None else {"temperature": temperature}
+        assert soft_cross_entropy_loss(student, teacher, **kwargs).item() == pytest.approx(reference.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="^soft_cross_entropy_loss: "):
+        soft_cross_entropy_loss(student, teacher[:1])
+
+
+def test_dice_counts_classes_absent_from_the_target_and_checks_shapes_and_ids():
+    target = torch.tensor([[[0, 1], [1, 0]]])  # 4 classes, only 0 and 1 present
+    perfect = torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float() * 100
+    assert dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"\[0, 4\).*\[0, 4\]"):
+        dice_loss(perfect, torch.tensor([[[0, 1], [4, 0]]]))
+    with pytest.raises(ValueError, match="must be \\(B, K, H, W\\)"):
+        dice_loss(perfect, target[:, :1])  # 4-D logits, but a target of another size
