@@ -1,9 +1,11 @@
 """Contract tests: our tags sit in timm's registry beside timm's own, without disturbing them."""
 
+import copy
 import dataclasses
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import timm
@@ -12,8 +14,8 @@ from timm.models import _registry
 
 import dreamteacher_models
 from dreamteacher_models import RECIPES, WeightsNotAvailableError, get_recipe, list_recipes
-from dreamteacher_models._timm_registry import TimmRegistryChanged, register_recipes
-from dreamteacher_models.recipes import UnknownRecipeError
+from dreamteacher_models._timm_registry import TimmRegistryChanged, hub_offline, pretrained_cfg_for, register_recipes
+from dreamteacher_models.recipes import CODE_URL, UnknownRecipeError
 
 
 def test_every_recipe_is_listed_by_timm():
@@ -33,6 +35,14 @@ def test_pretrained_cfg_comes_from_the_recipe(name):
     assert tuple(cfg.mean) == recipe.data.mean and tuple(cfg.std) == recipe.data.std
     assert cfg.crop_pct == recipe.data.crop_pct and cfg.interpolation == recipe.data.interpolation
     assert cfg.license == recipe.license and cfg.paper_ids == "arXiv:2307.07487"
+    assert cfg.architecture == recipe.arch and cfg.tag == recipe.tag and cfg.url is None and cfg.file is None
+    assert cfg.paper_name == "DreamTeacher: Pretraining Image Backbones with Deep Generative Models"
+    assert cfg.origin_url == CODE_URL and cfg.description == f"DreamTeacher-distilled {recipe.arch} " \
+        f"({recipe.data.name}, no labels)"
+    timm_default = timm.models.get_pretrained_cfg(recipe.arch)  # architecture facts come from timm's own default
+    assert (cfg.first_conv, cfg.classifier, cfg.pool_size) == (timm_default.first_conv, timm_default.classifier,
+                                                                timm_default.pool_size)
+    assert pretrained_cfg_for(recipe) == cfg  # what registration stored is what the function builds now
 
 
 def test_timm_own_tags_and_defaults_are_unchanged():
@@ -73,17 +83,60 @@ def test_registration_is_idempotent():
 
 
 def test_changed_timm_internals_fail_loudly(monkeypatch):
+    monkeypatch.delattr(_registry, "_model_has_pretrained")
     monkeypatch.delattr(_registry, "_model_with_tags")
-    with pytest.raises(TimmRegistryChanged, match="_model_with_tags"):
+    with pytest.raises(TimmRegistryChanged, match="no longer has _model_has_pretrained, _model_with_tags in"):
         register_recipes(RECIPES.values())
+
+
+@pytest.mark.parametrize("changed", ["no cfgs", "another type"])
+def test_a_changed_default_cfg_fails_loudly(monkeypatch, changed):
+    if changed == "no cfgs":
+        cfg = copy.deepcopy(_registry._model_default_cfgs["resnet50"])
+        del cfg.cfgs
+    else:
+        cfg = types.SimpleNamespace(tags=[], cfgs={})
+    monkeypatch.setitem(_registry._model_default_cfgs, "resnet50", cfg)
+    with pytest.raises(TimmRegistryChanged, match="DefaultCfg .* changed shape"):
+        register_recipes(RECIPES.values())
+
+
+def test_registering_a_recipe_fills_every_registry_structure_and_guards_once(monkeypatch):
+    for name in ("_model_entrypoints", "_model_pretrained_cfgs", "_model_has_pretrained", "_model_with_tags",
+                 "_model_default_cfgs"):
+        monkeypatch.setattr(_registry, name, copy.deepcopy(getattr(_registry, name)))
+    plain = _registry._model_entrypoints["resnet34"]
+    first_tag = _registry._model_default_cfgs["resnet34"].tags[0]
+    recipe = dataclasses.replace(get_recipe("resnet18.dreamteacher_fmnist"), arch="resnet34")
+    register_recipes([recipe])
+    register_recipes([recipe])  # idempotent
+    default_cfg = _registry._model_default_cfgs["resnet34"]
+    assert default_cfg.tags[0] == first_tag and default_cfg.tags[-1] == recipe.tag
+    assert default_cfg.tags.count(recipe.tag) == 1
+    assert default_cfg.cfgs[recipe.tag] == pretrained_cfg_for(recipe) == _registry._model_pretrained_cfgs[recipe.name]
+    assert recipe.name in _registry._model_has_pretrained
+    assert _registry._model_with_tags["resnet34"].count(recipe.name) == 1
+    guarded = _registry._model_entrypoints["resnet34"]
+    assert guarded is not plain and guarded.__wrapped__ is plain and guarded._dreamteacher_guarded is True
+    assert guarded._dreamteacher_recipes == {recipe.tag: recipe}
+    with pytest.raises(WeightsNotAvailableError, match="resnet34.dreamteacher_fmnist"):
+        timm.create_model(recipe.name, pretrained=True)
+
+
+@pytest.mark.parametrize(("value", "offline"), [("1", True), ("ON", True), ("yes", True), (" True ", True),
+                                                ("0", False), ("", False), ("false", False), ("off", False)])
+def test_hub_offline_reads_huggingface_hubs_truthy_values(monkeypatch, value, offline):
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub_offline() is offline
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert hub_offline() is False
 
 
 def test_unknown_recipe_lists_the_known_ones():
     with pytest.raises(UnknownRecipeError) as error:
         get_recipe("resnet50.dreamteacher_in22k")
     assert "resnet50.dreamteacher_in22k" in str(error.value)
-    for name in list_recipes():
-        assert name in str(error.value)
+    assert ", ".join(list_recipes()) in str(error.value)
     assert get_recipe("hf-hub:dreamteacher/resnet50.dreamteacher_in1k").name == "resnet50.dreamteacher_in1k"
     assert list_recipes("resnet*") == ["resnet18.dreamteacher_fmnist", "resnet50.dreamteacher_in1k"]
 
@@ -107,7 +160,8 @@ def test_published_weights_offline_without_cache_error(tmp_path, monkeypatch):
     recipe = dataclasses.replace(get_recipe("resnet18.dreamteacher_fmnist"), status="published")
     monkeypatch.setitem(_registry._model_entrypoints["resnet18"]._dreamteacher_recipes, recipe.tag, recipe)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(WeightsNotAvailableError, match="are published at .*could not be loaded"):
+    with pytest.raises(WeightsNotAvailableError, match=r"are published at .*could not be loaded \(offline with no "
+                                                       r"cached copy, or the Hub could not be reached\)"):
         timm.create_model(recipe.name, pretrained=True, cache_dir=tmp_path)
 
 
