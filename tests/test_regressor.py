@@ -89,3 +89,63 @@ def test_regressor_rejects_wrong_inputs():
     regressor = FeatureRegressor((4, 6, 8, 10), TEACHER_CHANNELS, width=8)
     with pytest.raises(ValueError, match=r"channels \(4, 6, 8, 10\)"):
         regressor([torch.randn(2, 5, 4, 4)] * 4)
+
+
+def test_fpn_adds_the_bilinearly_upsampled_coarser_map_to_each_lateral():
+    """The forward pass equals UperNet's wiring written out with the regressor's own blocks: PPM on C5, then for
+    each finer level lateral(C_i) + upsample(merged_{i+1}) (bilinear, align_corners=False), then the level's
+    output conv and its head; the coarsest level's head reads the PPM output directly."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    regressor = FeatureRegressor((4, 6, 8, 10), TEACHER_CHANNELS, width=8).eval()
+    feats = [torch.randn(2, c, s, s) for c, s in zip((4, 6, 8, 10), (16, 8, 4, 2), strict=True)]
+    with torch.no_grad():
+        merged = [regressor.ppm(feats[3])]
+        for i in (2, 1, 0):
+            x = regressor.lateral[i](feats[i])
+            merged.insert(0, x + F.interpolate(merged[0], size=x.shape[-2:], mode="bilinear", align_corners=False))
+        expected = [regressor.head[str(i)](regressor.fpn_out[str(i)](merged[i])) for i in (0, 1, 2)]
+        expected.append(regressor.head["3"](merged[3]))
+        for got, want in zip(regressor(feats), expected, strict=True):
+            torch.testing.assert_close(got, want)
+
+
+def test_pyramid_pooling_pools_each_branch_to_its_bin_and_the_width_defaults_to_the_papers_256():
+    regressor = FeatureRegressor((4, 6, 8, 10), TEACHER_CHANNELS)
+    x = torch.randn(2, 10, 12, 12)
+    assert [tuple(stage(x).shape[-2:]) for stage in regressor.ppm.stages] == [(1, 1), (2, 2), (3, 3), (6, 6)]
+    assert regressor.ppm(x).shape == (2, 256, 12, 12)
+
+
+def test_build_student_passes_pretrained_and_timm_arguments_on(monkeypatch):
+    calls = []
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **kw: calls.append((a, kw)) or real(a[0]))
+    build_student("resnet18", pretrained=True, zero_init_last=False)
+    assert calls == [(("resnet18",), {"pretrained": True, "num_classes": 0, "zero_init_last": False})]
+
+
+def test_a_model_without_timm_feature_info_is_rejected_by_name():
+    class OnlyIntermediates(torch.nn.Module):
+        def forward_intermediates(self, x):
+            return [x]
+
+    with pytest.raises(ValueError, match="^toy has no forward_intermediates/feature_info"):
+        student_levels(OnlyIntermediates(), "toy")
+    resnet = timm.create_model("resnet18", num_classes=0)
+    resnet.feature_info = [dict(reduction=r, num_chs=8) for r in (2, 4, 8)]
+    with pytest.raises(ValueError, match=r"^toy has no feature level at stride\(s\) \[16, 32\]"):
+        student_levels(resnet, "toy")
+
+
+def test_in_training_the_lateral_blocks_normalise_so_a_levels_scale_does_not_matter():
+    """Each conv is followed by BatchNorm: in train mode the predictions ignore a positive scale of each level that
+    enters through a lateral conv (C5 enters the PPM's fusion conv raw, beside its pooled branches)."""
+    torch.manual_seed(0)
+    regressor = FeatureRegressor((4, 6, 8, 10), TEACHER_CHANNELS, width=8).train()
+    feats = [torch.randn(4, c, s, s) for c, s in zip((4, 6, 8, 10), (8, 4, 2, 2), strict=True)]
+    scaled = [f * k for f, k in zip(feats, (30.0, 0.1, 7.0, 1.0), strict=True)]
+    with torch.no_grad():
+        for a, b in zip(regressor(feats), regressor(scaled), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

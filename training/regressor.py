@@ -118,7 +118,6 @@ class FeatureRegressor(nn.Module):
         if not any(out_channels):
             raise ValueError(f"FeatureRegressor: no level has a target (out_channels={list(out_channels)})")
         self.in_channels = tuple(in_channels)
-        self.out_channels = tuple(out_channels)
         self.ppm = PyramidPooling(in_channels[-1], width, ppm_bins)
         self.lateral = nn.ModuleList(_conv_bn_relu(c, width, 1) for c in in_channels[:-1])
         # output convs only where a head reads them (unused parameters would stall DDP)
