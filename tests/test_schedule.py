@@ -1,0 +1,24 @@
+"""The learning-rate multiplier against its formula: linear warm-up, cosine to min_lr, held there after the end."""
+
+import math
+
+import pytest
+
+from training.schedule import cosine_with_warmup
+
+
+@pytest.mark.parametrize(("step", "expected"), [(0, 0.5), (1, 1.0), (2, 1.0), (6, 0.5), (10, 0.0), (12, 0.0)])
+def test_warm_up_then_cosine_to_zero_by_default(step, expected):
+    assert cosine_with_warmup(step, total_steps=10, warmup_steps=2) == pytest.approx(expected, abs=1e-12)
+
+
+def test_cosine_ends_at_min_lr_and_stays_there():
+    assert cosine_with_warmup(4, 10, 2, min_lr_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert cosine_with_warmup(10, 10, 2, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert cosine_with_warmup(50, 10, 2, min_lr_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_a_single_step_after_warm_up_reaches_the_end_of_the_cosine():
+    assert cosine_with_warmup(2, total_steps=3, warmup_steps=2) == pytest.approx(1.0)
+    assert cosine_with_warmup(3, total_steps=3, warmup_steps=2) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_with_warmup(5, total_steps=5, warmup_steps=5) == pytest.approx(1.0)  # no decay phase at all
