@@ -92,3 +92,24 @@ def test_distiller_predicts_on_the_student_grid_and_1x1_levels_get_no_at_term():
     # student's residual branches start at zero: timm zero-initialises each block's last BN gamma)
     assert all(p.grad is not None for p in model.parameters())
     assert all(p.grad.abs().sum() > 0 for p in model.regressor.parameters())
+
+
+def test_the_recipes_regressor_width_bins_and_unpaired_levels_shape_the_distiller():
+    recipe = dataclasses.replace(get_recipe("resnet18.dreamteacher_fmnist"), regressor_width=12, ppm_bins=(1, 3),
+                                 pairs=((4, 4), (16, 8)))
+    model, _ = build_distiller(recipe, FMNIST_UNET)
+    assert len(model.regressor.ppm.stages) == 2 and model.regressor.ppm.bottleneck[0].out_channels == 12
+    assert set(model.regressor.head) == {"0", "2"}  # C3 and C5 carry the top-down path only, with no head
+    assert [tuple(p.shape) for p in model(torch.randn(2, 3, 32, 32))] == [(2, 128, 8, 8), (2, 128, 2, 2)]
+    with pytest.raises(ValueError, match="no task head: set recipe.label_distill.interpreter"):
+        model(torch.randn(2, 3, 32, 32), with_logits=True)
+
+
+@pytest.mark.parametrize(("zero_init_last", "gamma"), [(True, 0.0), (False, 1.0), (None, 0.0)])
+def test_the_recipes_zero_init_last_reaches_the_student(zero_init_last, gamma):
+    """resnet's last BN gamma of every block: 0 with zero_init_last, 1 without; None keeps timm's default (0)."""
+    from training.distiller import build_recipe_student
+
+    recipe = dataclasses.replace(get_recipe("resnet18.dreamteacher_fmnist"), zero_init_last=zero_init_last)
+    student = build_recipe_student(recipe)
+    assert all(block.bn2.weight.eq(gamma).all() for block in student.layer1)
