@@ -9,7 +9,15 @@ import timm
 import torch
 
 from dreamteacher_models import RECIPES, get_recipe
-from hub.export import build_backbone, export_for_hub, read_checksums, sha256_of
+from hub.export import (
+    _check_no_pickles,
+    build_backbone,
+    export_for_hub,
+    load_student,
+    read_checksums,
+    sha256_of,
+    student_state_dict,
+)
 from hub.export import main as export_main
 from hub.publish import check_export, publish
 from tests.hub_cache import populate_hf_cache
@@ -142,7 +150,7 @@ def test_export_rejects_a_mismatched_checkpoint(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-def test_export_cli_from_a_training_run_layout(tmp_path):
+def test_export_cli_from_a_training_run_layout(tmp_path, capsys):
     recipe = get_recipe("resnet18.dreamteacher_fmnist")
     model = _trained_student(recipe.name)
     run = tmp_path / "run"
@@ -155,11 +163,21 @@ def test_export_cli_from_a_training_run_layout(tmp_path):
     safetensors.torch.save_file(stale, run / "checkpoints" / "step_9" / "model.safetensors")
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"results": {"linear probe": {"top1": 81.25}}}))
-    out = export_main(["--checkpoint", str(run), "--out", str(tmp_path / "export"), "--results", str(results)])
+    out = export_main(["--checkpoint", str(run), "--out", str(tmp_path / "export"), "--results", str(results),
+                       "--results-note", "measured on a test machine"])
+    assert f"exported to {out}: README.md, SHA256SUMS, config.json, model.safetensors, recipe.json" in \
+        capsys.readouterr().out
     loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     x = _probe(recipe.name)
     assert torch.equal(loaded(x), model(x))
-    assert "| linear probe | 81.25 |" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "| linear probe | 81.25 |" in card and "measured on a test machine" in card
+    assert "- **Params (M):** 11.2" in card  # headless resnet18
+    assert (out / "recipe.json").read_text() == json.dumps(recipe.to_dict(), indent=2) + "\n"
+    bare = export_main(["--checkpoint", str(run), "--out", str(tmp_path / "bare"), "--recipe", recipe.name])
+    assert "| linear probe |" not in (bare / "README.md").read_text()
+    with pytest.raises(SystemExit):
+        export_main(["--checkpoint", str(run)])  # --out is required
 
 
 def test_publish_is_a_dry_run_by_default(exported, capsys, monkeypatch):
@@ -211,7 +229,8 @@ def test_export_never_deletes_a_users_files(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=r"refusing to replace .*out.*notes\.txt.*nothing was changed"):
+    refused = r"refusing to replace .*out: it is not a previous export \(hub/export\.py\) and holds notes\.txt"
+    with pytest.raises(FileExistsError, match=refused + ".*nothing was changed"):
         export_for_hub(weights, target, recipe="resnet18.dreamteacher_fmnist")
     assert (target / "notes.txt").read_text() == "mine" and sorted(p.name for p in target.iterdir()) == ["notes.txt"]
     fresh = export_for_hub(weights, tmp_path / "new", recipe="resnet18.dreamteacher_fmnist")
@@ -219,3 +238,44 @@ def test_export_never_deletes_a_users_files(tmp_path):
     assert sorted(p.name for p in again.iterdir()) == ["README.md", "SHA256SUMS", "config.json", "model.safetensors",
                                                        "recipe.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_student_tensors_are_taken_from_a_ddp_wrapped_trainer_checkpoint():
+    t, u = torch.zeros(1), torch.ones(1)
+    assert student_state_dict({"module.student.conv1.weight": t, "module.regressor.head.0.weight": u}) == \
+        {"conv1.weight": t}
+    assert student_state_dict({"module.conv1.weight": t}) == {"conv1.weight": t}  # a bare backbone
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected", "wrong shape"])
+def test_each_kind_of_checkpoint_mismatch_is_refused_by_name(change):
+    recipe = get_recipe("resnet18.dreamteacher_fmnist")
+    state = dict(build_backbone(recipe).state_dict())
+    if change == "missing":
+        for key in [k for k in state if k.startswith("layer4.")]:
+            del state[key]
+        expected = r"missing \['layer4\.0\..*'\] \.\.\. \(\d+\), unexpected \[\] \(0\)"
+    elif change == "unexpected":
+        state["fc.weight"] = torch.zeros(10, 512)
+        expected = r"missing \[\] \(0\), unexpected \['fc\.weight'\] \(1\)"
+    else:
+        state["conv1.weight"] = torch.zeros(1)
+        expected = r"wrong shapes \['conv1\.weight \(1,\) != \(64, 3, 7, 7\)'\] \(1\)"
+    with pytest.raises(ValueError, match=expected):
+        load_student(recipe, state)
+
+
+def test_checksum_lines_must_hold_a_sha256_and_may_mark_binary_mode(tmp_path):
+    digest = "a" * 64
+    (tmp_path / "SHA256SUMS").write_text(f"{digest}  model.safetensors\n{digest} *config.json\n")
+    assert read_checksums(tmp_path) == {"model.safetensors": digest, "config.json": digest}
+    (tmp_path / "SHA256SUMS").write_text("abc123  model.safetensors\n")
+    with pytest.raises(ValueError, match="line 1 is not '<sha256>  <file>'"):
+        read_checksums(tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pth", ".pt", ".pkl"])
+def test_an_export_holding_a_pickle_is_refused(tmp_path, suffix):
+    (tmp_path / f"weights{suffix}").write_bytes(b"")
+    with pytest.raises(RuntimeError, match=f"pickle files \\['weights\\{suffix}'\\]; only safetensors"):
+        _check_no_pickles(tmp_path)
