@@ -125,7 +125,7 @@ class Recipe:
 
 ADM_IMAGENET_TEACHER = TeacherConfig(
     kind="adm",
-    source="256x256_diffusion_uncond.pt",
+    source="adm:256x256_diffusion_uncond",  # fetched, checked and converted once (training/adm_fetch.py)
     adm_preset="256x256_diffusion_uncond",
     timestep=150,
     description="OpenAI guided-diffusion ADM, unconditional ImageNet 256x256, decoder blocks 3/6/9/12 at t=150",

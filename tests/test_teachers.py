@@ -249,8 +249,14 @@ def test_missing_sources_say_how_to_get_one(tmp_path, monkeypatch):
         T.build_teacher(fmnist, MEAN, STD)  # a valid Hub id too: HF_HUB_OFFLINE makes it a cache miss
     with pytest.raises(FileNotFoundError, match=r"/no/such/dir/x.*not a valid Hugging Face Hub repo id"):
         T.build_teacher(fmnist, MEAN, STD, source="/no/such/dir/x")
-    with pytest.raises(FileNotFoundError, match=r"256x256_diffusion_uncond\.pt.*python -m training\.adm"):
+    monkeypatch.setenv("DREAMTEACHER_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match=r"adm:256x256_diffusion_uncond is not in the cache and HF_HUB_OFFLINE "
+                                                r"is set: download https://\S+/256x256_diffusion_uncond\.pt to "
+                                                + str(tmp_path / "cache" / "adm" / "256x256_diffusion_uncond.pt")):
         T.build_teacher(RECIPES["resnet50.dreamteacher_in1k"].teacher, IMAGENET_MEAN, IMAGENET_STD)
+    with pytest.raises(FileNotFoundError, match=r"256x256_diffusion_uncond\.pt.*no such checkpoint.*training\.adm"):
+        T.build_teacher(RECIPES["resnet50.dreamteacher_in1k"].teacher, IMAGENET_MEAN, IMAGENET_STD,
+                        source="256x256_diffusion_uncond.pt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no unet/config\.json or config\.json"):
         T.build_teacher(fmnist, MEAN, STD, source=str(tmp_path / "empty"))

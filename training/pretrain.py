@@ -92,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="torch threads per process on CPU (default: every core of the machine shared among the "
                            "local processes; `accelerate launch` would otherwise leave one thread on a CPU machine)")
     teacher = p.add_argument_group("teacher")
-    teacher.add_argument("--teacher", help="teacher folder / Hub id / ADM .pt (default: the recipe's teacher.source)")
+    teacher.add_argument("--teacher", help="teacher folder / Hub id / ADM .pt / adm:PRESET, e.g. "
+                         "adm:256x256_diffusion_uncond (default: the recipe's teacher.source)")
     teacher.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"],
                          help="teacher autocast dtype (default: bf16/fp16 when --mixed_precision says so, else fp32)")
     teacher.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU speed-up)")

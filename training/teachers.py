@@ -46,6 +46,7 @@ if __package__ in (None, ""):  # `python training/teachers.py`: make the repo ro
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dreamteacher_models.recipes import TeacherConfig, get_recipe  # noqa: E402
+from training.adm_fetch import is_adm_name, resolve_adm_name  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -552,7 +553,8 @@ def _is_hub_id(source: str) -> bool:
 def _how_to_get(kind: str) -> str:
     if kind == "adm":
         return (
-            "download OpenAI's guided-diffusion checkpoint (e.g. 256x256_diffusion_uncond.pt from "
+            "name it (e.g. adm:256x256_diffusion_uncond: downloaded, checked and converted once), or download "
+            "OpenAI's guided-diffusion checkpoint (e.g. 256x256_diffusion_uncond.pt from "
             "github.com/openai/guided-diffusion) and convert it: `python -m training.adm --checkpoint "
             "256x256_diffusion_uncond.pt --out DIR --preset 256x256_diffusion_uncond`, then pass DIR (or pass the .pt "
             "itself to convert it on the fly with the recipe's adm_preset)"
@@ -773,6 +775,8 @@ def build_teacher(
 
     src = str(source if source is not None else config.source)
     kind = config.kind
+    if is_adm_name(src):  # OpenAI's checkpoint by name: fetched, checked and converted once into the cache
+        src, kind = resolve_adm_name(src), "adm"
     vae = prompt = output_blocks = None
     if kind in ("unet", "adm"):
         if kind == "adm" and src.endswith(WEIGHT_SUFFIXES):

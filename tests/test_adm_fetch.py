@@ -1,0 +1,83 @@
+"""`--teacher adm:<preset>`: fetched once from its URL (here a local file URL), checked, converted, then cached."""
+
+import urllib.request
+
+import pytest
+import torch
+
+from training import adm, adm_fetch
+from training.adm_fetch import OfficialCheckpoint, resolve_adm_name
+
+
+@pytest.fixture
+def tiny_official(tmp_path, monkeypatch):
+    """A tiny guided-diffusion checkpoint published at a file:// URL as preset "tiny"; an empty cache."""
+    from tests.test_adm import SMALL, _adm
+
+    published = tmp_path / "openai" / "tiny.pt"
+    published.parent.mkdir()
+    torch.save(_adm(SMALL, seed=3).state_dict(), published)
+    digest = adm_fetch.sha256_file(published)
+    monkeypatch.setitem(adm.PRESETS, "tiny", SMALL)
+    monkeypatch.setitem(adm_fetch.OFFICIAL_CHECKPOINTS, "tiny", OfficialCheckpoint(published.as_uri(), digest))
+    monkeypatch.setenv("DREAMTEACHER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    return published, digest, tmp_path / "cache" / "adm"
+
+
+def test_first_use_downloads_checks_and_converts_then_the_cache_is_used(tiny_official, monkeypatch):
+    published, _, cache = tiny_official
+    folder = resolve_adm_name("adm:tiny")
+    assert folder == str(cache / "tiny") and adm.read_adm_flags(folder) == adm.PRESETS["tiny"]
+    assert sorted(p.name for p in cache.iterdir()) == ["tiny"]  # the download itself was deleted
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    assert resolve_adm_name("adm:tiny") == folder
+
+
+def test_a_download_with_the_wrong_digest_is_refused_and_deleted(tiny_official, monkeypatch):
+    published, digest, cache = tiny_official
+    monkeypatch.setitem(adm_fetch.OFFICIAL_CHECKPOINTS, "tiny", OfficialCheckpoint(published.as_uri(), "0" * 64))
+    with pytest.raises(ValueError, match=f"has SHA-256 {digest}, expected 0{{64}} .*the download was deleted"):
+        resolve_adm_name("adm:tiny")
+    assert list(cache.iterdir()) == []
+
+
+def test_without_a_recorded_digest_the_name_must_carry_one(tiny_official, monkeypatch):
+    published, digest, cache = tiny_official
+    monkeypatch.setitem(adm_fetch.OFFICIAL_CHECKPOINTS, "tiny", OfficialCheckpoint(published.as_uri(), None))
+    with pytest.raises(ValueError, match=f"SHA-256 {digest}, and no official digest .* adm:tiny@<sha256>"):
+        resolve_adm_name("adm:tiny")
+    assert resolve_adm_name(f"adm:tiny@{digest}") == str(cache / "tiny")
+
+
+def test_offline_it_says_which_file_to_put_where_and_uses_it_once_there(tiny_official, monkeypatch):
+    published, digest, cache = tiny_official
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    expected_path = cache / "tiny.pt"
+    with pytest.raises(FileNotFoundError, match=f"download {published.as_uri()} to {expected_path} "
+                                                f"\\(SHA-256 {digest}\\)"):
+        resolve_adm_name("adm:tiny")
+    cache.mkdir(parents=True)
+    expected_path.write_bytes(published.read_bytes())
+    assert resolve_adm_name("adm:tiny") == str(cache / "tiny")
+    assert expected_path.is_file()  # a file the user put there is left in place
+
+
+def test_an_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown ADM checkpoint 'adm:512x512'; known: adm:256x256_diffusion_uncond"):
+        resolve_adm_name("adm:512x512")
+    paper = adm_fetch.OFFICIAL_CHECKPOINTS["256x256_diffusion_uncond"]
+    assert paper.url.endswith("/diffusion/jul-2021/256x256_diffusion_uncond.pt") and len(paper.sha256) == 64
+
+
+def test_a_teacher_named_adm_is_built_from_the_cache(tiny_official):
+    from dreamteacher_models.recipes import TeacherConfig
+    from training.teachers import build_teacher
+
+    config = TeacherConfig(kind="unet", source="adm:tiny", timestep=10, taps=("output_blocks.2",))
+    teacher = build_teacher(config, (0.5,) * 3, (0.5,) * 3)
+    assert teacher.kind == "adm" and teacher.source == str(tiny_official[2] / "tiny")
