@@ -1,0 +1,159 @@
+"""Mutation score of the core modules: how many small planted bugs (mutmut's mutants) the test suite catches.
+
+For each module, mutmut runs in a scratch copy of the repository with only that module mutated and only the test
+files that exercise it selected, so a module takes minutes, not the hours of one `mutmut run` over everything.
+Prints a table (killed, survived, equivalent, score = killed / (killed + survived), equivalents excluded) and the
+surviving mutants not judged equivalent; `mutmut show <name>` in the scratch copy (its path is printed) shows one.
+
+    python benchmarks/mutation_score.py                      # every module below
+    python benchmarks/mutation_score.py training/losses.py   # one module
+
+Needs `pip install -e .[dev]` (mutmut). Not part of CI: slow, and its mutant names move when the code changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# module -> the test files that exercise it (mutmut then picks, per mutant, the tests that reach its function)
+MODULES = {
+    "training/losses.py": ["tests/test_losses.py", "tests/test_label_distill.py", "tests/test_interpreter.py"],
+    "training/schedule.py": ["tests/test_schedule.py", "tests/test_train_teacher.py::test_resume_continues_exactly"],
+    "training/regressor.py": ["tests/test_regressor.py", "tests/test_pairing.py"],
+    "training/distiller.py": ["tests/test_pairing.py", "tests/test_losses.py", "tests/test_label_distill.py",
+                              "tests/test_feature_cache.py"],
+    "dreamteacher_models": ["tests/test_recipes.py", "tests/test_timm_registry.py"],
+    "hub/export.py": ["tests/test_export.py"],
+    "training/teachers.py": ["tests/test_teachers.py", "tests/test_adm.py"],
+    "training/pretrain.py": ["tests/test_pretrain.py"],
+    "training/train_teacher.py": ["tests/test_train_teacher.py"],
+}
+
+# Mutants judged equivalent (no input the code can receive tells them apart), by name, with the reason.
+EQUIVALENT = {
+    "training.losses.x_attention_map__mutmut_9": "F.normalize's p=None is the 2-norm",
+    "training.losses.x_attention_map__mutmut_12": "F.normalize's default p is 2",
+    "training.losses.x_attention_map__mutmut_13": "F.normalize's default dim is 1",
+    "training.losses.x_feature_distillation_loss__mutmut_14": "zip strict: the level counts are checked just before",
+    "training.losses.x_feature_distillation_loss__mutmut_17": "zip strict: the level counts are checked just before",
+    "training.losses.x_feature_distillation_loss__mutmut_18": "zip strict: the level counts are checked just before",
+    "training.losses.x_feature_distillation_loss__mutmut_26": "shape[+2:] == shape[-2:] for the (B, C, H, W) maps",
+    "training.losses.x_dice_loss__mutmut_29": "ignored pixels' label is masked out of both sums",
+    "training.losses.x_dice_loss__mutmut_44": "softmax's implicit dim is 1 for 4-D logits",
+    "training.losses.x_dice_loss__mutmut_46": "softmax's implicit dim is 1 for 4-D logits",
+    "training.regressor.x_select_pyramid_indices__mutmut_1": "the default arch name in a message",
+    "training.regressor.x_select_pyramid_indices__mutmut_2": "the default arch name in a message",
+    "training.regressor.x_student_levels__mutmut_1": "the default arch name in a message",
+    "training.regressor.x_student_levels__mutmut_2": "the default arch name in a message",
+    "training.regressor.x_student_levels__mutmut_32": "the second lookup cannot fail: its strides are all present",
+    "training.regressor.x_student_levels__mutmut_41": "zip strict: one index per stride by construction",
+    "training.regressor.x_student_levels__mutmut_44": "zip strict: one index per stride by construction",
+    "training.regressor.x_student_levels__mutmut_45": "zip strict: one index per stride by construction",
+    "training.regressor.x__conv_bn_relu__mutmut_11": "Conv2d(bias=None) has no bias, as bias=False",
+    "training.regressor.x__conv_bn_relu__mutmut_16": "a conv bias before BatchNorm is cancelled by its mean",
+    "training.regressor.x__conv_bn_relu__mutmut_19": "a conv bias before BatchNorm is cancelled by its mean",
+    "training.regressor.x__conv_bn_relu__mutmut_18": "kernel_size // 3 == kernel_size // 2 for the 1 and 3 used",
+    "training.regressor.x__conv_bn_relu__mutmut_21": "ReLU in place or not: same values",
+    "training.regressor.x__conv_bn_relu__mutmut_22": "ReLU in place or not: same values",
+    "training.regressor.x__resize__mutmut_2": "shape[+2:] == shape[-2:] for 4-D maps",
+    "training.regressor.x__resize__mutmut_3": "resizing to the same size is the identity (only slower)",
+    "training.regressor.x__resize__mutmut_9": "align_corners=None means False",
+    "training.regressor.x__resize__mutmut_13": "align_corners defaults to False",
+    "training.regressor.xǁPyramidPoolingǁforward__mutmut_2": "shape[+2:] == shape[-2:] for 4-D maps",
+    "training.regressor.xǁFeatureRegressorǁforward__mutmut_12": "zip strict: one lateral per finer level",
+    "training.regressor.xǁFeatureRegressorǁforward__mutmut_15": "zip strict: one lateral per finer level",
+    "training.regressor.xǁFeatureRegressorǁforward__mutmut_20": "zip strict: one lateral per finer level",
+    "training.regressor.xǁFeatureRegressorǁforward__mutmut_31": "shape[+2:] == shape[-2:] for 4-D maps",
+    "training.distiller.x_build_distiller__mutmut_5": "build_student already refused a bad arch by name",
+    "training.distiller.x_build_distiller__mutmut_7": "build_student already refused a bad arch by name",
+    "training.distiller.x_build_distiller__mutmut_31": "None and 0 both mean 'no target' (falsy)",
+    "training.distiller.x_build_distiller__mutmut_33": "None and 0 both mean 'no target' (falsy)",
+    "training.distiller.x_distillation_loss__mutmut_8": "shape[+2:] == shape[-2:] for 4-D maps",
+    "dreamteacher_models._timm_registry.x_pretrained_cfg_for__mutmut_6": "every timm architecture has a default cfg",
+    "dreamteacher_models._timm_registry.x_register_recipes__mutmut_22": "getattr default None or False: both falsy",
+    "dreamteacher_models.recipes.x__build__mutmut_32": "_tuples leaves a non-list unchanged",
+    "dreamteacher_models.recipes.x__checked__mutmut_11": "no recipe field is a Union without None",
+    "dreamteacher_models.recipes.x__checked__mutmut_16": "an inner error's field name is never shown",
+    "dreamteacher_models.recipes.x__checked__mutmut_44": "zip strict: the tuple length is checked just before",
+    "dreamteacher_models.recipes.x__checked__mutmut_47": "zip strict: the tuple length is checked just before",
+    "dreamteacher_models.recipes.x__checked__mutmut_48": "zip strict: the tuple length is checked just before",
+    "hub.export.x_build_backbone__mutmut_2": "pretrained=None is False",
+    "hub.export.x_sha256_of__mutmut_13": "the read size does not change the digest",
+    "hub.export.x_sha256_of__mutmut_15": "the read size does not change the digest",
+    "hub.export.x_sha256_of__mutmut_16": "the read size does not change the digest",
+}
+for _n in (26, 27, 28, 31, 32, 33):  # fields timm's own default leaves None already
+    EQUIVALENT[f"dreamteacher_models._timm_registry.x_pretrained_cfg_for__mutmut_{_n}"] = \
+        "resets a field that timm's default already leaves None"
+for _n in (28, 30, 43):
+    EQUIVALENT[f"dreamteacher_models.recipes.x__describe__mutmut_{_n}"] = "no recipe field has a type outside the map"
+
+
+def scratch_copy(module: str, tests: list[str]) -> Path:
+    """The repository's tracked and untracked (not ignored) files, with mutmut told to mutate `module` only."""
+    root = Path(tempfile.mkdtemp(prefix="dreamteacher-mutation-"))
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    only = f"{module}/*" if (REPO / module).is_dir() else module
+    text = (root / "pyproject.toml").read_text()
+    text = re.sub(r"only_mutate = \[.*?\]", f'only_mutate = ["{only}"]', text, flags=re.S)
+    selection = ", ".join(f'"{t}"' for t in tests)
+    text = text.replace("[tool.mutmut]\n", f"[tool.mutmut]\npytest_add_cli_args_test_selection = [{selection}]\n")
+    (root / "pyproject.toml").write_text(text)
+    return root
+
+
+def run_module(module: str, tests: list[str], children: int) -> dict:
+    root = scratch_copy(module, tests)
+    start = time.time()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=root, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    results = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=root, env=env,
+                             capture_output=True, text=True, check=True).stdout
+    status = dict(re.findall(r"^\s*(\S+): (.+)$", results, flags=re.M))
+    killed = sum(s in ("killed", "timeout") for s in status.values())
+    survivors = [n for n, s in status.items() if s in ("survived", "no tests")]
+    equivalent = [n for n in survivors if n in EQUIVALENT]
+    real = [n for n in survivors if n not in EQUIVALENT]
+    score = 100.0 * killed / max(1, killed + len(real))
+    return dict(module=module, mutants=len(status), killed=killed, survived=len(real), equivalent=len(equivalent),
+                score=score, seconds=time.time() - start, survivors=real, scratch=root)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", help=f"modules to mutate (default: all of {', '.join(MODULES)})")
+    parser.add_argument("--children", type=int, default=os.cpu_count() or 1, help="mutants tested in parallel")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module(s) {unknown}; allowed: {', '.join(MODULES)}")
+    rows = [run_module(m, MODULES[m], args.children) for m in (args.modules or MODULES)]
+    print("| module | mutants | killed | survived | equivalent | score | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['module']} | {r['mutants']} | {r['killed']} | {r['survived']} | {r['equivalent']} | "
+              f"{r['score']:.1f}% | {r['seconds']:.0f} |")
+    for r in rows:
+        if r["survivors"]:
+            print(f"\n{r['module']}: {len(r['survivors'])} surviving (see `mutmut show NAME` in {r['scratch']}):")
+            print("\n".join(f"  {n}" for n in r["survivors"]))
+
+
+if __name__ == "__main__":
+    main()
