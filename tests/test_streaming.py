@@ -1,4 +1,5 @@
-"""Streaming under 2 CPU processes: each rank reads a disjoint part of the stream, and together they read it all."""
+"""Streaming under 2 CPU processes: each rank reads a disjoint part of the stream, together they read it all, and a
+mid-epoch resume continues each rank's stream without repeats."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ REPO = Path(__file__).resolve().parent.parent
 RANK_SCRIPT = textwrap.dedent("""
     import hashlib, json, sys
     from accelerate import Accelerator
-    from accelerate.utils import send_to_device
     import training.pretrain as pretrain
     from training.data import build_dataloader
 
@@ -26,15 +26,22 @@ RANK_SCRIPT = textwrap.dedent("""
     args = pretrain.parse_args(["--data-dir", data_dir, "--streaming", "--num-workers", "0"])
     recipe = pretrain.resolve_recipe(args)
     accelerator = Accelerator()
-    dataset, _ = pretrain.build_data(args, recipe, accelerator)
-    loader = build_dataloader(dataset, 2, num_workers=0, drop_last=False)
-    _, _, loader = pretrain.prepare_for_training(accelerator, None, None, loader, args.streaming)
-    seen = []
-    for batch in loader:  # one epoch, as the trainer reads it
-        for image in send_to_device(batch, accelerator.device)["pixel_values"]:
-            seen.append(hashlib.sha256(image.numpy().tobytes()).hexdigest())
+
+    def epoch(skip=0, stop=None):  # the images of epoch 1 as the trainer reads them, from a fresh loader
+        dataset, _ = pretrain.build_data(args, recipe, accelerator)
+        loader = build_dataloader(dataset, 2, num_workers=0, drop_last=False)
+        _, _, loader = pretrain.prepare_for_training(accelerator, None, None, loader, args.streaming)
+        seen = []
+        for i, batch in enumerate(pretrain.epoch_batches(accelerator, loader, 1, skip, args.streaming)):
+            if i == stop:
+                break
+            seen += [hashlib.sha256(image.numpy().tobytes()).hexdigest() for image in batch["pixel_values"]]
+        return seen
+
+    # a whole epoch, and the same epoch stopped after one micro-batch then resumed in a new loader
+    result = {"epoch": epoch(), "before": epoch(stop=1), "after": epoch(skip=1)}
     with open(f"{out}.{accelerator.process_index}", "w") as f:
-        json.dump(seen, f)
+        json.dump(result, f)
 """)
 
 
@@ -75,7 +82,10 @@ def test_two_ranks_stream_disjoint_halves_that_cover_the_data(tmp_path, layout):
                              str(data), str(tmp_path / "seen")], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (json.loads((tmp_path / f"seen.{r}").read_text()) for r in (0, 1))
+    ranks = [json.loads((tmp_path / f"seen.{r}").read_text()) for r in (0, 1)]
+    rank0, rank1 = (r["epoch"] for r in ranks)
     assert len(rank0) == len(rank1) == 6  # half each, not a quarter (sharded once, not twice)
     assert not set(rank0) & set(rank1)
     assert len(set(rank0) | set(rank1)) == 12
+    for r in ranks:  # a mid-epoch resume goes on where the stream stopped, flipped alike: no repeat, no gap
+        assert len(r["before"]) == 2 and r["before"] + r["after"] == r["epoch"]

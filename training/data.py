@@ -477,14 +477,28 @@ def split_streaming(dataset, seed: int = 0, buffer_size: int = 10_000, rank: int
 
 
 class StreamingImageDataset(torch.utils.data.IterableDataset):
-    """Torch iterable over a streaming ``datasets.IterableDataset`` with the same skip-bad-image behaviour."""
+    """Torch iterable over a streaming ``datasets.IterableDataset`` with the same skip-bad-image behaviour.
 
-    def __init__(self, hf_iterable, transform: Callable, image_key: str = "image", label_key: str | None = "label"):
+    With `seed`, the random augmentation of the i-th example of an epoch is drawn from (seed, epoch, i) alone, so a
+    resumed run (which skips the examples already trained on) flips exactly as the uninterrupted one; give each rank
+    its own seed."""
+
+    def __init__(self, hf_iterable, transform: Callable, image_key: str = "image", label_key: str | None = "label",
+                 seed: int | None = None):
         self.ds, self.transform, self.image_key, self.label_key = hf_iterable, transform, image_key, label_key
+        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         if hasattr(self.ds, "set_epoch"):
             self.ds.set_epoch(epoch)
+
+    def _augment(self, image, i: int) -> torch.Tensor:
+        if self.seed is None:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 7_919 + self.epoch) * 1_000_003 + i) % 2**63)
+            return self.transform(image)
 
     def __iter__(self) -> Iterator[dict | None]:
         it = iter(self.ds)
@@ -500,7 +514,7 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
                 i += 1
                 continue
             try:
-                out = {"pixel_values": self.transform(row[self.image_key])}
+                out = {"pixel_values": self._augment(row[self.image_key], i)}
                 if self.label_key and self.label_key in row:
                     out["label"] = int(row[self.label_key])
                 yield out

@@ -155,7 +155,8 @@ def build_data(args, recipe: Recipe, accelerator: Accelerator):
         hf = split_streaming(hf, seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
         if args.limit_images:
             hf = hf.take(args.limit_images)
-        return StreamingImageDataset(hf, transform), args.limit_images or recipe.data.num_images
+        augment_seed = args.seed * 1_000_003 + accelerator.process_index  # each rank flips its own images
+        return StreamingImageDataset(hf, transform, seed=augment_seed), args.limit_images or recipe.data.num_images
     if args.limit_images:
         hf = hf.select(range(min(args.limit_images, len(hf))))
     return ImageDataset(hf, transform, return_index=cached), len(hf)
@@ -206,6 +207,14 @@ def teacher_source(recipe: Recipe) -> str:
     if not source.is_absolute() and not source.exists() and in_repo.exists():
         return str(in_repo)
     return recipe.teacher.source
+
+
+def epoch_batches(accelerator, loader, epoch: int, skip: int, streaming: bool):
+    """This rank's micro-batches of `epoch` on its device, after the first `skip` (already trained on before a
+    resume): the same batches in the same order as an uninterrupted run, streamed or not."""
+    (loader if hasattr(loader, "set_epoch") else loader.dataset).set_epoch(epoch)
+    for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+        yield send_to_device(batch, accelerator.device) if streaming else batch  # a stream is not prepared
 
 
 def plan_batches(args, recipe: Recipe, num_processes: int) -> tuple[int, int]:
@@ -332,12 +341,8 @@ def main(argv: list[str] | None = None) -> Path:
     step_losses: dict[str, torch.Tensor] = {}
     micro_in_step = 0
     while state.step < total_steps:
-        (loader if hasattr(loader, "set_epoch") else loader.dataset).set_epoch(state.epoch)
         full_epoch, usable = state.batch_in_epoch == 0, 0
-        batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        for batch in batches:
-            if args.streaming:  # the loader was not prepared (see prepare_for_training)
-                batch = send_to_device(batch, accelerator.device)
+        for batch in epoch_batches(accelerator, loader, state.epoch, state.batch_in_epoch, args.streaming):
             state.batch_in_epoch += 1
             state.skipped += int(batch["num_skipped"])
             images = batch["pixel_values"]
