@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-HF_HUB_OFFLINE=1 python -m pytest "$@"
+HF_HUB_OFFLINE=1 python -m pytest -n auto "$@"  # one worker per core (pytest-xdist)
