@@ -176,8 +176,9 @@ def test_export_cli_from_a_training_run_layout(tmp_path, capsys):
     assert (out / "recipe.json").read_text() == json.dumps(recipe.to_dict(), indent=2) + "\n"
     bare = export_main(["--checkpoint", str(run), "--out", str(tmp_path / "bare"), "--recipe", recipe.name])
     assert "| linear probe |" not in (bare / "README.md").read_text()
-    with pytest.raises(SystemExit):
-        export_main(["--checkpoint", str(run)])  # --out is required
+    for incomplete in (["--checkpoint", str(run)], ["--out", str(tmp_path / "x")]):  # both are required
+        with pytest.raises(SystemExit):
+            export_main(incomplete)
 
 
 def test_publish_is_a_dry_run_by_default(exported, capsys, monkeypatch):
