@@ -22,14 +22,14 @@ RANK_SCRIPT = textwrap.dedent("""
     import training.pretrain as pretrain
     from training.data import build_dataloader
 
-    data_dir, out = sys.argv[1], sys.argv[2]
-    args = pretrain.parse_args(["--data-dir", data_dir, "--streaming", "--num-workers", "0"])
+    data_dir, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    args = pretrain.parse_args(["--data-dir", data_dir, "--streaming", "--num-workers", str(workers)])
     recipe = pretrain.resolve_recipe(args)
     accelerator = Accelerator()
 
     def epoch(skip=0, stop=None):  # the images of epoch 1 as the trainer reads them, from a fresh loader
         dataset, _ = pretrain.build_data(args, recipe, accelerator)
-        loader = build_dataloader(dataset, 2, num_workers=0, drop_last=False)
+        loader = build_dataloader(dataset, 2, num_workers=workers, drop_last=False)
         _, _, loader = pretrain.prepare_for_training(accelerator, None, None, loader, args.streaming)
         seen = []
         for i, batch in enumerate(pretrain.epoch_batches(accelerator, loader, 1, skip, args.streaming)):
@@ -69,8 +69,8 @@ def write_parquet_shards(folder, shards: int = 4, per_shard: int = 3, size: int 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["image folder", "parquet shards"])
-def test_two_ranks_stream_disjoint_halves_that_cover_the_data(tmp_path, layout):
+@pytest.mark.parametrize(("layout", "workers"), [("image folder", 0), ("parquet shards", 2)])
+def test_two_ranks_stream_disjoint_halves_that_cover_the_data(tmp_path, layout, workers):
     data = (write_image_folder(tmp_path / "images", n=12) if layout == "image folder"
             else write_parquet_shards(tmp_path / "imagenet"))
     script = tmp_path / "rank.py"
@@ -79,8 +79,8 @@ def test_two_ranks_stream_disjoint_halves_that_cover_the_data(tmp_path, layout):
            "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
-                             str(data), str(tmp_path / "seen")], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+                             str(data), str(tmp_path / "seen"), str(workers)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"seen.{r}").read_text()) for r in (0, 1)]
     rank0, rank1 = (r["epoch"] for r in ranks)

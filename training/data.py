@@ -479,9 +479,9 @@ def split_streaming(dataset, seed: int = 0, buffer_size: int = 10_000, rank: int
 class StreamingImageDataset(torch.utils.data.IterableDataset):
     """Torch iterable over a streaming ``datasets.IterableDataset`` with the same skip-bad-image behaviour.
 
-    With `seed`, the random augmentation of the i-th example of an epoch is drawn from (seed, epoch, i) alone, so a
-    resumed run (which skips the examples already trained on) flips exactly as the uninterrupted one; give each rank
-    its own seed."""
+    With `seed`, the random augmentation of the i-th example a loader worker streams in an epoch is drawn from (seed,
+    epoch, worker, i) alone, so a resumed run (which skips the examples already trained on) flips exactly as the
+    uninterrupted one; give each rank its own seed."""
 
     def __init__(self, hf_iterable, transform: Callable, image_key: str = "image", label_key: str | None = "label",
                  seed: int | None = None):
@@ -496,8 +496,13 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
     def _augment(self, image, i: int) -> torch.Tensor:
         if self.seed is None:
             return self.transform(image)
+        # the epoch as the loader's workers see it (datasets shares it with persistent workers; our own int is not),
+        # and the worker: each worker streams its own shards, counting positions from 0
+        epoch = int(getattr(self.ds, "epoch", self.epoch))
+        info = torch.utils.data.get_worker_info()
+        key = hash((self.seed, epoch, info.id if info else 0, i)) % 2**63  # ints hash the same in every process
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 7_919 + self.epoch) * 1_000_003 + i) % 2**63)
+            torch.default_generator.manual_seed(key)  # the CPU generator only: CUDA's stays the trainer's
             return self.transform(image)
 
     def __iter__(self) -> Iterator[dict | None]:
