@@ -9,6 +9,10 @@ from training import adm, adm_fetch
 from training.adm_fetch import OfficialCheckpoint, resolve_adm_name
 
 
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # not the lock file
+
+
 @pytest.fixture
 def tiny_official(tmp_path, monkeypatch):
     """A tiny guided-diffusion checkpoint published at a file:// URL as preset "tiny"; an empty cache."""
@@ -29,7 +33,7 @@ def test_first_use_downloads_checks_and_converts_then_the_cache_is_used(tiny_off
     published, _, cache = tiny_official
     folder = resolve_adm_name("adm:tiny")
     assert folder == str(cache / "tiny") and adm.read_adm_flags(folder) == adm.PRESETS["tiny"]
-    assert sorted(p.name for p in cache.iterdir()) == ["tiny"]  # the download itself was deleted
+    assert _files(cache) == ["tiny"]  # the download itself was deleted
 
     def no_network(*args, **kwargs):
         raise AssertionError("the cache should have been used")
@@ -43,7 +47,7 @@ def test_a_download_with_the_wrong_digest_is_refused_and_deleted(tiny_official, 
     monkeypatch.setitem(adm_fetch.OFFICIAL_CHECKPOINTS, "tiny", OfficialCheckpoint(published.as_uri(), "0" * 64))
     with pytest.raises(ValueError, match=f"has SHA-256 {digest}, expected 0{{64}} .*the download was deleted"):
         resolve_adm_name("adm:tiny")
-    assert list(cache.iterdir()) == []
+    assert _files(cache) == []
 
 
 def test_without_a_recorded_digest_the_name_must_carry_one(tiny_official, monkeypatch):
@@ -51,6 +55,8 @@ def test_without_a_recorded_digest_the_name_must_carry_one(tiny_official, monkey
     monkeypatch.setitem(adm_fetch.OFFICIAL_CHECKPOINTS, "tiny", OfficialCheckpoint(published.as_uri(), None))
     with pytest.raises(ValueError, match=f"SHA-256 {digest}, and no official digest .* adm:tiny@<sha256>"):
         resolve_adm_name("adm:tiny")
+    with pytest.raises(ValueError, match="must be a SHA-256 digest"):
+        resolve_adm_name("adm:tiny@abc")
     assert resolve_adm_name(f"adm:tiny@{digest}") == str(cache / "tiny")
 
 
@@ -61,7 +67,7 @@ def test_offline_it_says_which_file_to_put_where_and_uses_it_once_there(tiny_off
     with pytest.raises(FileNotFoundError, match=f"download {published.as_uri()} to {expected_path} "
                                                 f"\\(SHA-256 {digest}\\)"):
         resolve_adm_name("adm:tiny")
-    cache.mkdir(parents=True)
+    cache.mkdir(parents=True, exist_ok=True)
     expected_path.write_bytes(published.read_bytes())
     assert resolve_adm_name("adm:tiny") == str(cache / "tiny")
     assert expected_path.is_file()  # a file the user put there is left in place
@@ -81,3 +87,27 @@ def test_a_teacher_named_adm_is_built_from_the_cache(tiny_official):
     config = TeacherConfig(kind="unet", source="adm:tiny", timestep=10, taps=("output_blocks.2",))
     teacher = build_teacher(config, (0.5,) * 3, (0.5,) * 3)
     assert teacher.kind == "adm" and teacher.source == str(tiny_official[2] / "tiny")
+
+
+def test_a_cut_connection_is_an_error_not_a_short_file(tiny_official, monkeypatch):
+    published, _, cache = tiny_official
+
+    class Cut:  # announces the whole file, delivers 10 bytes
+        headers = {"Content-Length": str(published.stat().st_size)}
+
+        def __init__(self):
+            self.data = [published.read_bytes()[:10], b""]
+
+        def read(self, n):
+            return self.data.pop(0)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Cut())
+    with pytest.raises(FileNotFoundError, match="stopped after 10 of"):
+        resolve_adm_name("adm:tiny")
+    assert _files(cache) == []

@@ -4,7 +4,9 @@ The first use downloads the official checkpoint from OpenAI's URL, checks its SH
 training/adm.py into a diffusers folder in the cache (`$DREAMTEACHER_CACHE`, else `$HF_HOME/dreamteacher`, under
 `adm/<preset>/`), and deletes the downloaded .pt; later uses load the converted folder without the network.
 Offline, the error names the file to download and where to put it; a file put there by hand is checked and
-converted the same way (and left in place).
+converted the same way (and left in place). Processes sharing the cache (ranks, nodes on a shared disk) take a file
+lock, so one fetches and converts while the others wait for the result. Only the unconditional checkpoints are
+offered: the class-conditional ones need class labels the teacher is never given.
 
 Pickle safety: OpenAI publishes only PyTorch pickles. A download is loaded (with `torch.load(weights_only=True)`)
 only once its SHA-256 equals the one recorded here. OpenAI publishes no hashes: the one for
@@ -18,11 +20,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 logger = logging.getLogger("dreamteacher.adm_fetch")
@@ -42,8 +47,7 @@ OFFICIAL_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
         f"{_BASE_URL}/256x256_diffusion_uncond.pt", "983e3de6f95c88c81b2ca7ebb2c217933be1973b1ff058776b970f901584613a"
     ),
     **{name: OfficialCheckpoint(f"{_BASE_URL}/{name}.pt", None)
-       for name in ("256x256_diffusion", "64x64_diffusion", "lsun_bedroom", "lsun_cat", "lsun_horse",
-                    "lsun_horse_nodropout")},
+       for name in ("lsun_bedroom", "lsun_cat", "lsun_horse", "lsun_horse_nodropout")},
 }
 
 
@@ -72,32 +76,45 @@ def sha256_file(path: Path) -> str:
 
 
 def _download(url: str, dest: Path) -> None:
-    """Stream `url` into `dest` through a `.partial` file renamed only when complete."""
-    partial = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
+    """Stream `url` into `dest` through a temporary file renamed only when complete (a cut connection is an error,
+    not a short file)."""
+    fd, partial = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+        with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
+            written = 0
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
                 for block in iter(lambda: response.read(1 << 20), b""):
                     out.write(block)
+                    written += len(block)
                     bar.update(len(block))
+        if total is not None and written != total:
+            raise OSError(f"the download stopped after {written} of {total} bytes")
         os.replace(partial, dest)
     finally:
-        partial.unlink(missing_ok=True)
+        Path(partial).unlink(missing_ok=True)
 
 
 def resolve_adm_name(spec: str) -> str:
     """The converted diffusers folder for `adm:<preset>[@<sha256>]`, fetching, checking and converting it on first
     use."""
-    from training import adm
-
     preset, _, expected_sha256 = spec.removeprefix(PREFIX).partition("@")
     if preset not in OFFICIAL_CHECKPOINTS:
         raise ValueError(f"unknown ADM checkpoint {spec!r}; known: "
                          f"{', '.join(PREFIX + name for name in OFFICIAL_CHECKPOINTS)}")
+    if expected_sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", expected_sha256):
+        raise ValueError(f"{spec!r}: the part after '@' must be a SHA-256 digest (64 hex digits)")
+    root = cache_root() / "adm"
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{preset}.lock")):  # one process fetches; the others find its result
+        return _resolve_locked(spec, preset, expected_sha256, root)
+
+
+def _resolve_locked(spec: str, preset: str, expected_sha256: str, root: Path) -> str:
+    from training import adm
+
     official = OFFICIAL_CHECKPOINTS[preset]
     expected = (expected_sha256 or official.sha256 or "").lower() or None
-    root = cache_root() / "adm"
     folder, checkpoint = root / preset, root / Path(official.url).name
     if (folder / "config.json").is_file() and adm.read_adm_flags(folder) is not None:
         return str(folder)
@@ -107,21 +124,23 @@ def resolve_adm_name(spec: str) -> str:
     if downloaded:
         if _offline():
             raise FileNotFoundError(f"{spec} is not in the cache and HF_HUB_OFFLINE is set: {how}")
-        root.mkdir(parents=True, exist_ok=True)
         logger.info("fetching %s from %s", spec, official.url)
         try:
             _download(official.url, checkpoint)
         except (urllib.error.URLError, OSError) as error:
             raise FileNotFoundError(f"could not download {official.url} ({error}): {how}") from error
     digest = sha256_file(checkpoint)
+    if expected is None:
+        raise ValueError(f"{checkpoint} has SHA-256 {digest}, and no official digest is recorded for {preset}: check "
+                         f"it, then name the teacher {PREFIX}{preset}@<sha256> (the file is kept, and never loaded "
+                         "unchecked)")
     if digest != expected:
-        if downloaded:
+        if downloaded:  # not the official file: never kept
             checkpoint.unlink()
-        why = (f"has SHA-256 {digest}, expected {expected} (the official file)" if expected else
-               f"has SHA-256 {digest}, and no official digest is recorded for {preset}: check it, then name the "
-               f"teacher {PREFIX}{preset}@<sha256>")
-        raise ValueError(f"{checkpoint} {why}" + ("; the download was deleted" if downloaded else
-                                                  f"; delete it and {how}"))
+            raise ValueError(f"{checkpoint} has SHA-256 {digest}, expected {expected} (the official file); the "
+                             "download was deleted")
+        raise ValueError(f"{checkpoint} has SHA-256 {digest}, expected {expected} (the official file); delete it "
+                         f"and {how}")
     logger.info("%s: SHA-256 verified; converting into %s", checkpoint.name, folder)
     adm.convert_to_folder(checkpoint, preset, folder, overwrite=folder.exists())
     if downloaded:

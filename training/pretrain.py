@@ -252,9 +252,8 @@ def main(argv: list[str] | None = None) -> Path:
     # -- the frozen teacher (never prepared) and the trainable student + regressor, levels paired by stride
     teacher_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         args.teacher_dtype or accelerator.mixed_precision)
-    with accelerator.local_main_process_first():  # an `adm:` teacher is fetched and converted once per node
-        teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, source=teacher_source(recipe),
-                                device=accelerator.device, dtype=teacher_dtype, channels_last=args.channels_last)
+    teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, source=teacher_source(recipe),
+                            device=accelerator.device, dtype=teacher_dtype, channels_last=args.channels_last)
     model, pairing_notes = build_distiller(recipe, dict(zip(teacher.strides, teacher.channels, strict=True)))
     pairs = model.pairs
     recipe = dataclasses.replace(recipe, pairs=tuple((p.student_stride, p.teacher_stride) for p in pairs))

@@ -210,9 +210,8 @@ def main(argv: list[str] | None = None) -> Path:
     if resume_from is None:
         refuse_fresh_run_over_checkpoints(output_dir)
 
-    with accelerator.local_main_process_first():  # an `adm:` teacher is fetched and converted once per node
-        teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, source=teacher_source(recipe),
-                                device=accelerator.device)
+    teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, source=teacher_source(recipe),
+                            device=accelerator.device)
     distiller, _ = build_distiller(recipe, dict(zip(teacher.strides, teacher.channels, strict=True)))
     teacher.keep_strides({pair.teacher_stride for pair in distiller.pairs})  # the taps the student distils
     del distiller
