@@ -118,9 +118,12 @@ def scratch_copy(module: str, tests: list[str]) -> Path:
             shutil.copy2(REPO / name, root / name)
     only = f"{module}/*" if (REPO / module).is_dir() else module
     text = (root / "pyproject.toml").read_text()
-    text = re.sub(r"only_mutate = \[.*?\]", f'only_mutate = ["{only}"]', text, flags=re.S)
+    text, replaced = re.subn(r"only_mutate = \[.*?\]", f'only_mutate = ["{only}"]', text, flags=re.S)
     selection = ", ".join(f'"{t}"' for t in tests)
-    text = text.replace("[tool.mutmut]\n", f"[tool.mutmut]\npytest_add_cli_args_test_selection = [{selection}]\n")
+    selection_line = f"pytest_add_cli_args_test_selection = [{selection}]"
+    text, added = re.subn(r"^\[tool\.mutmut\][ \t]*$", f"[tool.mutmut]\n{selection_line}", text, flags=re.M)
+    if (replaced, added) != (1, 1):  # a silently unchanged config would mutate everything
+        raise SystemExit("pyproject.toml needs one [tool.mutmut] table with one only_mutate list")
     (root / "pyproject.toml").write_text(text)
     return root
 
@@ -129,18 +132,25 @@ def run_module(module: str, tests: list[str], children: int) -> dict:
     root = scratch_copy(module, tests)
     start = time.time()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=root, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=root,
+                         env=env, capture_output=True, text=True, check=False)
+    if run.returncode != 0:  # e.g. the unmutated tests fail: no score means anything
+        raise SystemExit(f"mutmut run failed for {module} (scratch copy {root}):\n{run.stdout[-2000:]}"
+                         f"{run.stderr[-2000:]}")
     results = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=root, env=env,
                              capture_output=True, text=True, check=True).stdout
     status = dict(re.findall(r"^\s*(\S+): (.+)$", results, flags=re.M))
     killed = sum(s in ("killed", "timeout") for s in status.values())
     survivors = [n for n, s in status.items() if s in ("survived", "no tests")]
+    other = sorted({s for s in status.values()} - {"killed", "timeout", "survived", "no tests"})
     equivalent = [n for n in survivors if n in EQUIVALENT]
     real = [n for n in survivors if n not in EQUIVALENT]
     score = 100.0 * killed / max(1, killed + len(real))
+    if not real:
+        shutil.rmtree(root, ignore_errors=True)  # nothing to inspect there
     return dict(module=module, mutants=len(status), killed=killed, survived=len(real), equivalent=len(equivalent),
-                score=score, seconds=time.time() - start, survivors=real, scratch=root)
+                score=score, seconds=time.time() - start, survivors=real, scratch=root,
+                other={s: sum(v == s for v in status.values()) for s in other})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['module']} | {r['mutants']} | {r['killed']} | {r['survived']} | {r['equivalent']} | "
               f"{r['score']:.1f}% | {r['seconds']:.0f} |")
     for r in rows:
+        if r["other"]:  # suspicious, segfault (an OOM kill), not checked, skipped: neither killed nor survived
+            print(f"\n{r['module']}: also {r['other']}")
         if r["survivors"]:
             print(f"\n{r['module']}: {len(r['survivors'])} surviving (see `mutmut show NAME` in {r['scratch']}):")
             print("\n".join(f"  {n}" for n in r["survivors"]))
