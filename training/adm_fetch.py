@@ -17,7 +17,6 @@ other presets have none recorded: their first download is refused unless the nam
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -68,11 +67,10 @@ def _offline() -> bool:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    from huggingface_hub.utils.sha import sha_fileobj  # chunked, so a 2 GB checkpoint is never read whole
+
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return sha_fileobj(f).hex()
 
 
 def _download(url: str, dest: Path) -> None:
