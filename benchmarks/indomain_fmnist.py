@@ -16,6 +16,9 @@ the DreamTeacher run, the teacher reference and the data). Every backbone starts
 * simclr      lightly's SimCLR (benchmarks/ssl_baselines.py: heads, NTXentLoss, SimCLRTransform at 32 px, SGD).
 * byol        lightly's BYOL (same file: heads, momentum encoder with a cosine momentum schedule, BYOLTransform).
 * dreamteacher  training/pretrain.py with the recipe and its teacher (`--teacher`, default the recipe's source).
+* dreamteacher-cached  the same reading its targets from the opt-in teacher-feature cache (`--feature-cache`, K=2
+              encodings per image and orientation, built once per seed under the work dir); the cache's build time
+              is charged to its budget, so it is the cache against online encoding at equal wall time.
 * dreamteacher-recipe  the same at the recipe's own length (the main job's budget), not the benchmark's budget.
 * teacher     reference, not a backbone: the frozen teacher's features at the recipe's timestep, each tap globally
               average-pooled and concatenated, then the same linear probe and kNN (no fine-tune: it is frozen).
@@ -27,6 +30,8 @@ the fine-tuning heads.
 Fair budget, by wall clock: before any training, each budgeted method (simclr, byol, dreamteacher) runs
 `--calibration-steps` steps (its own loop, its data loading included) to measure its median seconds per step (the
 first step, with start-up, is left out); each of its entries then gets steps = floor(budget / seconds-per-step)
+(dreamteacher-cached: floor((budget - cache build time) / seconds-per-step), the build time being the wall-time
+difference between a calibration run that builds the cache and one that reuses it)
 and runs a complete LR schedule of that length from a fresh init. Calibrating all methods up front, one after the
 other, keeps them measured under the same load; the training itself then does a fixed number of steps, so a
 busy host changes its wall time, not its result. The table reports the steps, the loop time and source images/s
@@ -68,12 +73,14 @@ from benchmarks.common import machine_facts, matmul_gflops  # noqa: E402
 from dreamteacher_models.recipes import DEFAULT_RECIPE, Recipe, apply_overrides, get_recipe  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("random", "pixels", "simclr", "byol", "dreamteacher", "dreamteacher-recipe", "teacher")
-BUDGETED = ("simclr", "byol", "dreamteacher")  # sized by the calibrated budget
+METHODS = ("random", "pixels", "simclr", "byol", "dreamteacher", "dreamteacher-cached", "dreamteacher-recipe",
+           "teacher")
+BUDGETED = ("simclr", "byol", "dreamteacher", "dreamteacher-cached")  # sized by the calibrated budget
 PRETRAINED = (*BUDGETED, "dreamteacher-recipe")
 FROZEN_REFERENCES = ("pixels", "teacher")  # linear probe and kNN only
 LABELS = {"random": "random init", "pixels": "raw pixels (reference)", "simclr": "SimCLR (lightly)",
           "byol": "BYOL (lightly)", "dreamteacher": "DreamTeacher",
+          "dreamteacher-cached": "DreamTeacher, teacher-feature cache (its build inside the budget)",
           "dreamteacher-recipe": "DreamTeacher at the recipe's length (main job)",
           "teacher": "teacher features (reference)"}
 # settings a --resume must share with the run it continues
@@ -297,8 +304,36 @@ def calibrate_dreamteacher(args, batch_size: int, teacher: str, threads: int, wo
     return sec_per_step
 
 
+def feature_cache_dir(work: Path, seed: int) -> Path:
+    """dreamteacher-cached's cache: one per seed (the seed keys the cached encodings' noise)."""
+    return work / f"feature_cache_seed{seed}"
+
+
+def calibrate_dreamteacher_cached(args, batch_size: int, teacher: str, threads: int, work: Path
+                                  ) -> tuple[float, float]:
+    """(seconds per step reading the cache, seconds to build the cache). The build time is the wall-time difference
+    between a calibration run that builds the cache and the same run reusing it; the cache is kept for the entries."""
+    from training import pretrain
+
+    cache = feature_cache_dir(work, args.seed)
+    shutil.rmtree(cache, ignore_errors=True)
+    calib_dir = work / "dreamteacher_cached_calibration"
+    walls = []
+    for _ in range(2):  # first run: build + steps; second: steps only
+        shutil.rmtree(calib_dir, ignore_errors=True)
+        t0 = time.perf_counter()
+        pretrain.main(_dreamteacher_argv(args, args.seed, batch_size, calib_dir, args.calibration_steps, teacher,
+                                         threads) + ["--no-export", "--feature-images", "0", "--feature-cache",
+                                                     str(cache)])
+        walls.append(time.perf_counter() - t0)
+    sec_per_step = statistics.median(_step_seconds(calib_dir, batch_size)[1:])
+    shutil.rmtree(calib_dir, ignore_errors=True)
+    return sec_per_step, max(0.0, walls[0] - walls[1])
+
+
 def pretrain_dreamteacher(seed: int, steps: int | None, args, recipe: Recipe, batch_size: int, teacher: str,
-                          threads: int, run_dir: Path, num_images: int) -> tuple[nn.Module, dict[str, Any]]:
+                          threads: int, run_dir: Path, num_images: int, extra_argv: tuple[str, ...] = ()
+                          ) -> tuple[nn.Module, dict[str, Any]]:
     """training/pretrain.py for `steps` steps (None: the recipe's own length) from a fresh run folder."""
     from training import pretrain
     from training.evaluate import load_backbone
@@ -306,7 +341,7 @@ def pretrain_dreamteacher(seed: int, steps: int | None, args, recipe: Recipe, ba
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run (metrics.jsonl is appended to)
     t0 = time.perf_counter()
     pretrain.main(_dreamteacher_argv(args, seed, batch_size, run_dir, steps, teacher, threads)
-                  + ["--feature-images", "4"])
+                  + ["--feature-images", "4", *extra_argv])
     wall_s = time.perf_counter() - t0
     step_s = _step_seconds(run_dir, batch_size)
     train_s = sum(step_s)
@@ -368,7 +403,10 @@ def _scores(entry: dict[str, Any]) -> dict[str, float]:
 def _cost_cells(method: str, pre: dict[str, Any]) -> list[str]:
     """pretraining loop time, teacher training, steps, images/s."""
     if method in PRETRAINED:
-        return [f"{pre['train_s']:.0f} s" if "train_s" in pre else "—", pre.get("teacher_training") or "—",
+        loop = f"{pre['train_s']:.0f} s" if "train_s" in pre else "—"
+        if "cache_build_s" in pre:
+            loop += f" + {pre['cache_build_s']:.0f} s cache build"
+        return [loop, pre.get("teacher_training") or "—",
                 str(pre.get("steps", "—")), _fmt(pre.get("images_per_s"), ".0f")]
     if method == "teacher":
         return ["—", pre.get("teacher_training") or "—", "—", "—"]
@@ -505,7 +543,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ",".join(report["settings"]["entries"]), args.budget_minutes, threads, report["machine"]["facts"])
     hf_train = load_pretrain_images(args, recipe) if methods & set(PRETRAINED) else None
     teacher = None
-    if methods & {"dreamteacher", "dreamteacher-recipe", "teacher"}:  # fail now, not after an hour, if missing
+    if methods & {"dreamteacher", "dreamteacher-cached", "dreamteacher-recipe", "teacher"}:  # fail now if missing
         from training.teachers import build_teacher
 
         teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, device=device)
@@ -513,13 +551,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     for method in (m for m in BUDGETED if m in methods and m not in report["calibration"]):
+        build_s = 0.0
         if method == "dreamteacher":
             sec = calibrate_dreamteacher(args, batch_size, teacher_source, threads, work)
-            torch.set_num_threads(threads)  # whatever the trainer's Accelerator did
+        elif method == "dreamteacher-cached":
+            sec, build_s = calibrate_dreamteacher_cached(args, batch_size, teacher_source, threads, work)
         else:
             sec = calibrate_ssl(method, args, recipe, hf_train, batch_size, device)
+        torch.set_num_threads(threads)  # whatever the trainer's Accelerator did
         report["calibration"][method] = {"steps_timed": args.calibration_steps, "seconds_per_step": round(sec, 4),
-                                         "steps": steps_for_budget(sec, budget_s)}
+                                         "steps": steps_for_budget(sec, budget_s - build_s)}
+        if method == "dreamteacher-cached":
+            report["calibration"][method]["cache_build_s"] = round(build_s, 1)
         logger.info("%s: %.3f s/step measured -> %d steps for %.0f s", method, sec,
                     report["calibration"][method]["steps"], budget_s)
         write_report(report, out_dir, tag)
@@ -551,9 +594,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 backbone, entry["pretrain"] = pretrain_ssl(method, seed, report["calibration"][method]["steps"],
                                                            args, recipe, hf_train, batch_size, device, folder)
             else:
-                steps = report["calibration"]["dreamteacher"]["steps"] if method == "dreamteacher" else None
+                steps = report["calibration"][method]["steps"] if method in BUDGETED else None
+                cached = ("--feature-cache", str(feature_cache_dir(work, seed))) \
+                    if method == "dreamteacher-cached" else ()
                 backbone, entry["pretrain"] = pretrain_dreamteacher(seed, steps, args, recipe, batch_size,
-                                                                    teacher_source, threads, folder, len(hf_train))
+                                                                    teacher_source, threads, folder, len(hf_train),
+                                                                    cached)
+                if cached:
+                    entry["pretrain"]["cache_build_s"] = report["calibration"][method]["cache_build_s"]
                 torch.set_num_threads(threads)
             evaluation = evaluate(backbone.eval(), seed=seed, **eval_kw)
         entry["evaluation"] = evaluation

@@ -45,13 +45,19 @@ def test_indomain_benchmark_tiny(tmp_path, capsys):
     assert saved["methods"]["dreamteacher/seed0"]["pretrain"]["timestep"] == 100
     assert (tmp_path / "work" / "tiny" / "dreamteacher_seed0" / "export" / "model.safetensors").is_file()
     assert saved["methods"]["pixels/seed0"]["pretrain"]["feature_dim"] == 3 * 32 * 32
+    # the cached entry reads the cache built during its calibration, whose build time its budget paid for
+    cache = tmp_path / "work" / "tiny" / "feature_cache_seed0"
+    cached_run = json.loads((tmp_path / "work" / "tiny" / "dreamteacher-cached_seed0" / "args.json").read_text())
+    assert cached_run["feature_cache"] == str(cache) and (cache / "stride_8.npy").is_file()
+    build_s = saved["calibration"]["dreamteacher-cached"]["cache_build_s"]
+    assert saved["methods"]["dreamteacher-cached/seed0"]["pretrain"]["cache_build_s"] == build_s >= 0
 
     table = (out_dir / "tiny.md").read_text()
     for method in methods:
         assert f"| {bench.LABELS[method]} | 0 |" in table
     for header in ("linear top-1", "kNN top-1", "fine-tune 1%", "fine-tune 10%", "images/s", "steps"):
         assert header in table
-    assert "machine: torch" in table
+    assert "machine: torch" in table and f"+ {build_s:.0f} s cache build" in table
     printed = capsys.readouterr().out
     assert report["table"] in printed and "machine: torch" in printed
 

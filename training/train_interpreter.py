@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mask-threshold", type=float, default=0.2, help="fmnist-masks: foreground gray level (0-1)")
     p.add_argument("--max-val", type=int, help="validate on the first N test images (default: all)")
     p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--validate-every", type=int, default=10,
+                   help="epochs between validations (default 10; the last epoch is always validated). The score "
+                        "is progress information: no checkpoint is chosen by it")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--width", type=int, default=256, help="dense interpreter width (default 256, the paper's)")
@@ -91,8 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", help="'latest' or a checkpoint folder")
     p.add_argument("--report-memory", action="store_true", help="log the peak resident memory at the end")
     args = p.parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 1 or args.labels < 1:
-        p.error("--epochs, --batch-size and --labels must be >= 1")
+    if min(args.epochs, args.batch_size, args.labels, args.validate_every) < 1:
+        p.error("--epochs, --batch-size, --labels and --validate-every must be >= 1")
     return args
 
 
@@ -258,9 +261,10 @@ def main(argv: list[str] | None = None) -> Path:
             scheduler.step()
             state.step += 1
         state.epoch += 1
-        score = validate(interpreter, teacher, val_loader, args.task, accelerator.device, args.seed, num_classes)
+        if state.epoch % args.validate_every == 0 or state.epoch == args.epochs:
+            score = validate(interpreter, teacher, val_loader, args.task, accelerator.device, args.seed, num_classes)
         progress.update(1)
-        progress.set_postfix(loss=f"{losses['loss'].item():.3f}", val=f"{score:.2f}")
+        progress.set_postfix(loss=f"{losses['loss'].item():.3f}", val="-" if score is None else f"{score:.2f}")
         save_checkpoint(accelerator, output_dir, state.step, keep=1, facts=facts)
 
     if accelerator.is_main_process:
