@@ -4,6 +4,8 @@ For each module, mutmut runs in a scratch copy of the repository with only that 
 files that exercise it selected, so a module takes minutes, not the hours of one `mutmut run` over everything.
 Prints a table (killed, survived, equivalent, score = killed / (killed + survived), equivalents excluded) and the
 surviving mutants not judged equivalent; `mutmut show <name>` in the scratch copy (its path is printed) shows one.
+Equivalent: listed in EQUIVALENT below by name with a reason, or found by comparing ASTs to change only text
+argparse prints (a help, description, epilog or metavar value), which no test of behaviour can tell apart.
 
     python benchmarks/mutation_score.py                      # every module below
     python benchmarks/mutation_score.py training/losses.py   # one module
@@ -14,6 +16,8 @@ Needs `pip install -e .[dev]` (mutmut). Not part of CI: slow, and its mutant nam
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import os
 import re
 import shutil
@@ -107,6 +111,33 @@ for _n in (28, 30, 43):
     EQUIVALENT[f"dreamteacher_models.recipes.x__describe__mutmut_{_n}"] = "no recipe field has a type outside the map"
 
 
+CLI_TEXT_KEYWORDS = {"help", "description", "epilog", "metavar"}  # what argparse only prints
+
+
+def _code_without_cli_text(function: ast.AST) -> str:
+    """The function's AST with its name and every help / description / epilog / metavar value blanked."""
+    function = copy.deepcopy(function)
+    function.name = ""
+    for node in ast.walk(function):
+        if isinstance(node, ast.keyword) and node.arg in CLI_TEXT_KEYWORDS:
+            node.value = ast.Constant(None)
+    return ast.dump(function)
+
+
+def changes_cli_text_only(root: Path, name: str) -> bool:
+    """Whether mutant `name` (e.g. hub.export.x_parse_args__mutmut_24) differs from its original function only in
+    text argparse prints: then it changes `--help`, not behaviour, and counts as equivalent."""
+    module, _, function = name.rpartition(".")
+    path = root / "mutants" / (module.replace(".", "/") + ".py")
+    if not path.is_file():
+        path = path.with_suffix("") / "__init__.py"
+    functions = {node.name: node for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    original = functions.get(function.rpartition("__mutmut_")[0] + "__mutmut_orig")
+    return function in functions and original is not None and \
+        _code_without_cli_text(functions[function]) == _code_without_cli_text(original)
+
+
 def scratch_copy(module: str, tests: list[str]) -> Path:
     """The repository's tracked and untracked (not ignored) files, with mutmut told to mutate `module` only."""
     root = Path(tempfile.mkdtemp(prefix="dreamteacher-mutation-"))
@@ -143,12 +174,14 @@ def run_module(module: str, tests: list[str], children: int) -> dict:
     killed = sum(s in ("killed", "timeout") for s in status.values())
     survivors = [n for n, s in status.items() if s in ("survived", "no tests")]
     other = sorted({s for s in status.values()} - {"killed", "timeout", "survived", "no tests"})
-    equivalent = [n for n in survivors if n in EQUIVALENT]
-    real = [n for n in survivors if n not in EQUIVALENT]
+    cli_text = [n for n in survivors if n not in EQUIVALENT and changes_cli_text_only(root, n)]
+    equivalent = [n for n in survivors if n in EQUIVALENT or n in cli_text]
+    real = [n for n in survivors if n not in equivalent]
     score = 100.0 * killed / max(1, killed + len(real))
     if not real:
         shutil.rmtree(root, ignore_errors=True)  # nothing to inspect there
     return dict(module=module, mutants=len(status), killed=killed, survived=len(real), equivalent=len(equivalent),
+                cli_text=len(cli_text),
                 score=score, seconds=time.time() - start, survivors=real, scratch=root,
                 other={s: sum(v == s for v in status.values()) for s in other})
 
@@ -162,11 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown module(s) {unknown}; allowed: {', '.join(MODULES)}")
     rows = [run_module(m, MODULES[m], args.children) for m in (args.modules or MODULES)]
-    print("| module | mutants | killed | survived | equivalent | score | seconds |")
+    print("| module | mutants | killed | survived | equivalent (of which --help text) | score | seconds |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['module']} | {r['mutants']} | {r['killed']} | {r['survived']} | {r['equivalent']} | "
-              f"{r['score']:.1f}% | {r['seconds']:.0f} |")
+        print(f"| {r['module']} | {r['mutants']} | {r['killed']} | {r['survived']} | {r['equivalent']} "
+              f"({r['cli_text']}) | {r['score']:.1f}% | {r['seconds']:.0f} |")
     for r in rows:
         if r["other"]:  # suspicious, segfault (an OOM kill), not checked, skipped: neither killed nor survived
             print(f"\n{r['module']}: also {r['other']}")

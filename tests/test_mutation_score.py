@@ -1,0 +1,63 @@
+"""benchmarks/mutation_score.py: which surviving mutants count as changing only argparse's printed text."""
+
+from __future__ import annotations
+
+import textwrap
+
+from benchmarks.mutation_score import changes_cli_text_only
+
+MUTANTS = textwrap.dedent('''
+    def x_parse_args__mutmut_orig(argv):
+        p = argparse.ArgumentParser(description="Export a run")
+        p.add_argument("--out", default="export", metavar="DIR", help="folder (default export)")
+        return p.parse_args(argv)
+
+    def x_parse_args__mutmut_1(argv):
+        p = argparse.ArgumentParser(description="XXExport a runXX")
+        p.add_argument("--out", default="export", metavar="DIR", help="folder (default export)")
+        return p.parse_args(argv)
+
+    def x_parse_args__mutmut_2(argv):
+        p = argparse.ArgumentParser(description="Export a run")
+        p.add_argument("--out", default="export", metavar="XXDIRXX", help=None)
+        return p.parse_args(argv)
+
+    def x_parse_args__mutmut_3(argv):
+        p = argparse.ArgumentParser(description="Export a run")
+        p.add_argument("--out", default="XXexportXX", metavar="DIR", help="folder (default export)")
+        return p.parse_args(argv)
+
+    def x_parse_args__mutmut_4(argv):
+        p = argparse.ArgumentParser(description="Export a run")
+        p.add_argument("--out", default="export", metavar="DIR", help="folder (default export)", required=True)
+        return p.parse_args(argv)
+
+    class Runner:
+        def xǁRunnerǁrun__mutmut_orig(self):
+            return self.go(help="text")
+
+        def xǁRunnerǁrun__mutmut_1(self):
+            return self.go(help="XXtextXX")
+
+        def xǁRunnerǁrun__mutmut_2(self):
+            return self.stop(help="text")
+''')
+
+
+def test_only_printed_text_changes_count_as_equivalent(tmp_path):
+    (tmp_path / "mutants" / "hub").mkdir(parents=True)
+    (tmp_path / "mutants" / "hub" / "export.py").write_text(MUTANTS)
+    (tmp_path / "mutants" / "pkg").mkdir()
+    (tmp_path / "mutants" / "pkg" / "__init__.py").write_text(MUTANTS)
+
+    def cli_only(name: str) -> bool:
+        return changes_cli_text_only(tmp_path, name)
+
+    assert cli_only("hub.export.x_parse_args__mutmut_1")  # description
+    assert cli_only("hub.export.x_parse_args__mutmut_2")  # metavar and help
+    assert cli_only("pkg.x_parse_args__mutmut_1")  # a package's __init__
+    assert cli_only("hub.export.xǁRunnerǁrun__mutmut_1")  # a method
+    assert not cli_only("hub.export.x_parse_args__mutmut_3")  # a default is behaviour
+    assert not cli_only("hub.export.x_parse_args__mutmut_4")  # so is required=True
+    assert not cli_only("hub.export.xǁRunnerǁrun__mutmut_2")  # a different call
+    assert not cli_only("hub.export.x_parse_args__mutmut_99")  # unknown mutant: not assumed harmless
