@@ -30,7 +30,7 @@ def tiny_official(tmp_path, monkeypatch):
 
 
 def test_first_use_downloads_checks_and_converts_then_the_cache_is_used(tiny_official, monkeypatch):
-    published, _, cache = tiny_official
+    published, digest, cache = tiny_official
     folder = resolve_adm_name("adm:tiny")
     assert folder == str(cache / "tiny") and adm.read_adm_flags(folder) == adm.PRESETS["tiny"]
     assert _files(cache) == ["tiny"]  # the download itself was deleted
@@ -40,6 +40,10 @@ def test_first_use_downloads_checks_and_converts_then_the_cache_is_used(tiny_off
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     assert resolve_adm_name("adm:tiny") == folder
+    assert resolve_adm_name(f"adm:tiny@{digest.upper()}") == folder
+    with pytest.raises(ValueError, match=f"{folder} was converted from a checkpoint with SHA-256 {digest}, not "
+                                         f"{'1' * 64} as adm:tiny@1{{64}} asks; delete {folder}"):
+        resolve_adm_name(f"adm:tiny@{'1' * 64}")  # an explicit digest is checked against the cached conversion
 
 
 def test_a_download_with_the_wrong_digest_is_refused_and_deleted(tiny_official, monkeypatch):

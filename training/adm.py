@@ -764,17 +764,25 @@ def read_adm_flags(folder: str | os.PathLike) -> ADMFlags | None:
     return ADMFlags(**json.loads(f.read_text())["flags"])
 
 
+def read_source_sha256(folder: str | os.PathLike) -> str | None:
+    """The SHA-256 of the checkpoint a ``convert_to_folder`` folder was converted from, where it was recorded."""
+    f = Path(folder) / FLAGS_FILE
+    return json.loads(f.read_text()).get("source_sha256") if f.is_file() else None
+
+
 def convert_to_folder(
     checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
     flags: ADMFlags | str,
     out_dir: str | os.PathLike,
     *,
     overwrite: bool = False,
+    source_sha256: str | None = None,
 ) -> UNet2DModel:
     """Convert and ``save_pretrained(out_dir, safe_serialization=True)`` atomically (temp dir beside, then rename).
 
-    Also writes ``adm_flags.json`` (the source flags and the stride 32/16/8/4 taps, when present). A crash leaves
-    ``out_dir`` as it was; an existing ``out_dir`` is replaced only with ``overwrite=True``.
+    Also writes ``adm_flags.json`` (the source flags, the stride 32/16/8/4 taps when present, and the source
+    checkpoint's SHA-256 when given). A crash leaves ``out_dir`` as it was; an existing ``out_dir`` is replaced only
+    with ``overwrite=True``.
     """
     flags = _as_flags(flags)
     out = Path(out_dir)
@@ -798,6 +806,7 @@ def convert_to_folder(
         strides = [s for s in (32, 16, 8, 4) if s < 2**n_levels]
         meta = {
             "source_checkpoint": os.path.basename(src) if src else None,
+            "source_sha256": source_sha256,
             "flags": flags.to_json_dict(),
             "taps": [dataclasses.asdict(t) for t in adm_level_taps(flags, strides)],
             "note": "converted by training/adm.py; taps = ADM output_blocks[adm_index] before its upsample",

@@ -115,6 +115,11 @@ def _resolve_locked(spec: str, preset: str, expected_sha256: str, root: Path) ->
     expected = (expected_sha256 or official.sha256 or "").lower() or None
     folder, checkpoint = root / preset, root / Path(official.url).name
     if (folder / "config.json").is_file() and adm.read_adm_flags(folder) is not None:
+        converted_from = adm.read_source_sha256(folder)
+        if expected is not None and converted_from != expected:
+            raise ValueError(f"{folder} was converted from a checkpoint with SHA-256 "
+                             f"{converted_from or '(not recorded)'}, not {expected} as {spec} asks; delete {folder} "
+                             "to fetch and convert again")
         return str(folder)
     how = (f"download {official.url} to {checkpoint}" + (f" (SHA-256 {expected})" if expected else "")
            + f", then run again; or set DREAMTEACHER_CACHE to a folder holding adm/{checkpoint.name}")
@@ -140,7 +145,7 @@ def _resolve_locked(spec: str, preset: str, expected_sha256: str, root: Path) ->
         raise ValueError(f"{checkpoint} has SHA-256 {digest}, expected {expected} (the official file); delete it "
                          f"and {how}")
     logger.info("%s: SHA-256 verified; converting into %s", checkpoint.name, folder)
-    adm.convert_to_folder(checkpoint, preset, folder, overwrite=folder.exists())
+    adm.convert_to_folder(checkpoint, preset, folder, overwrite=folder.exists(), source_sha256=digest)
     if downloaded:
         checkpoint.unlink()  # the converted safetensors folder is all later runs read
     return str(folder)
