@@ -280,3 +280,33 @@ def test_an_export_holding_a_pickle_is_refused(tmp_path, suffix):
     (tmp_path / f"weights{suffix}").write_bytes(b"")
     with pytest.raises(RuntimeError, match=f"pickle files \\['weights\\{suffix}'\\]; only safetensors"):
         _check_no_pickles(tmp_path)
+
+
+def test_cli_card_equals_the_api_card_and_an_explicit_recipe_wins_over_the_runs(tmp_path):
+    recipe = get_recipe("resnet18.dreamteacher_fmnist")
+    model = _trained_student(recipe.name)
+    run = tmp_path / "run"
+    run.mkdir()
+    edited = recipe.to_dict()
+    edited["optim"]["lr"] = 0.123  # the run's own recipe.json differs from the registered recipe
+    (run / "recipe.json").write_text(json.dumps(edited))
+    safetensors.torch.save_file(model.state_dict(), run / "model.safetensors")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"linear probe": {"top1": 81.25}}))
+
+    from_run = export_main(["--checkpoint", str(run), "--out", str(tmp_path / "a"), "--results", str(results)])
+    assert json.loads((from_run / "recipe.json").read_text())["optim"]["lr"] == 0.123
+    api = export_for_hub(run, tmp_path / "b", results={"linear probe": {"top1": 81.25}})
+    assert (from_run / "README.md").read_text() == (api / "README.md").read_text()  # no note unless given
+    named = export_main(["--checkpoint", str(run), "--out", str(tmp_path / "c"), "--recipe", recipe.name])
+    assert json.loads((named / "recipe.json").read_text()) == json.loads(json.dumps(recipe.to_dict()))
+
+
+def test_mismatch_lists_and_bad_checksum_lines_are_cut_to_a_readable_length(tmp_path):
+    from hub.export import _head
+
+    assert _head([str(i) for i in range(7)]) == "['0', '1', '2', '3', '4', '5'] ... (7)"
+    assert _head(list("abcdef")) == "['a', 'b', 'c', 'd', 'e', 'f'] (6)"
+    (tmp_path / "SHA256SUMS").write_text("x" * 100 + "\n")
+    with pytest.raises(ValueError, match=f"line 1 is not '<sha256>  <file>': '{'x' * 80}'; re-export"):
+        read_checksums(tmp_path)
