@@ -435,3 +435,129 @@ def test_empty_prompt_embedding_helpers(tmp_path, latent_dir):
     except ImportError:  # without transformers and without a stored file: a clear error with the fix
         with pytest.raises(FileNotFoundError, match="--store-empty-prompt-embedding"):
             T.load_empty_prompt_embedding(str(tmp_path / "nothing"))
+
+
+# ------------------------------------------------------------------------------------------------ bounds, resize, CLI
+
+
+def test_timestep_and_ddim_step_bounds_are_inclusive_where_they_should_be():
+    unet = UNet2DModel(**TINY_UNET)
+    scheduler = DDPMScheduler(num_train_timesteps=500)
+    for ok in (0, 499):
+        assert T.FrozenTeacher(unet, scheduler, ok, MEAN, STD).timestep == ok
+    for bad in (-1, 500):
+        with pytest.raises(ValueError, match=rf"teacher timestep {bad} is outside the scheduler's range \[0, 499\]$"):
+            T.FrozenTeacher(unet, scheduler, bad, MEAN, STD)
+    assert T.FrozenTeacher(unet, scheduler, 9, MEAN, STD, encoding="ddim", ddim_steps=1).ddim_steps == 1
+    with pytest.raises(ValueError, match="ddim_steps must be >= 1, got 0"):
+        T.FrozenTeacher(unet, scheduler, 9, MEAN, STD, encoding="ddim", ddim_steps=0)
+
+
+def test_a_set_resolution_resamples_like_a_manual_antialiased_pipeline(unet_dir):
+    """Non-square 4x12 images encoded at 32x32: the image is resized up (bilinear, antialias, no corner alignment),
+    and each tap resized back to the image's grid, never below one pixel."""
+    t = T.build_teacher(_config(unet_dir, resolution=32), MEAN, STD)
+    x01 = torch.rand(2, 3, 4, 12, generator=torch.Generator().manual_seed(5))
+    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    feats = t((x01 - m) / s, torch.Generator().manual_seed(1))
+    assert {k: tuple(v.shape[-2:]) for k, v in feats.items()} == {1: (4, 12), 2: (2, 6), 4: (1, 3), 8: (1, 1)}
+
+    def resize(x, size):
+        return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+    x0 = resize(2 * x01 - 1, (32, 32))
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    steps = torch.full((2,), 50)
+    ref = _hooked_forward(t.unet, [x.name for x in t.taps], t.scheduler.add_noise(x0, eps, steps), steps)
+    for tap in t.taps:
+        torch.testing.assert_close(feats[tap.stride], resize(ref[tap.name], feats[tap.stride].shape[-2:]),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_describe_taps_table_for_a_non_square_size_that_does_not_fit(unet_dir):
+    t = T.build_teacher(_config(unet_dir, timestep=3), MEAN, STD)
+    assert T.describe_taps(t, (16, 4)) == "\n".join([
+        f"teacher: kind=unet source={unet_dir} timestep=3 encoding=noise resolution=None",
+        "images 16x4 are encoded at 16x4",
+        "WARNING: 16x4 is not a multiple of 8: forward will fail",
+        "",
+        "| tap | ADM alias | stride | channels | output shape |",
+        "|---|---|---|---|---|",
+        "| up_blocks.3.resnets.1 | output_blocks.7 | 1 | 8 | (B, 8, 16, 4) |",
+        "| up_blocks.2.resnets.1 | output_blocks.5 | 2 | 16 | (B, 16, 8, 2) |",
+        "| up_blocks.1.resnets.1 | output_blocks.3 | 4 | 16 | (B, 16, 4, 1) |",
+        "| up_blocks.0.resnets.1 | output_blocks.1 | 8 | 16 | (B, 16, 2, 1) |",
+    ])
+
+
+TAPS_TABLE = """
+| tap | ADM alias | stride | channels | output shape |
+|---|---|---|---|---|
+| up_blocks.3.resnets.1 | output_blocks.7 | 1 | 8 | (B, 8, {0}, {0}) |
+| up_blocks.2.resnets.1 | output_blocks.5 | 2 | 16 | (B, 16, {1}, {1}) |
+| up_blocks.1.resnets.1 | output_blocks.3 | 4 | 16 | (B, 16, {2}, {2}) |
+| up_blocks.0.resnets.1 | output_blocks.1 | 8 | 16 | (B, 16, {3}, {3}) |"""
+
+
+def test_cli_prints_the_layout_every_flag_asks_for(unet_dir, capsys):
+    argv = ["--kind", "unet", "--source", str(unet_dir)]
+    assert T.main(argv) == 0
+    assert capsys.readouterr().out == (
+        f"teacher: kind=unet source={unet_dir} timestep=50 encoding=noise resolution=None\n"
+        "images 32x32 are encoded at 32x32\n" + TAPS_TABLE.format(32, 16, 8, 4) + "\n")
+
+    assert T.main([*argv, "--timestep", "7", "--encoding", "ddim", "--resolution", "64", "--image-size", "48",
+                   "--student", "resnet18"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        f"teacher: kind=unet source={unet_dir} timestep=7 encoding=ddim resolution=64\n"
+        "images 48x48 are encoded at 64x64; features are resampled to the images' grid\n"
+        + TAPS_TABLE.format(48, 24, 12, 6) + "\n\n"
+        "student resnet18 (levels at strides [2, 4, 8, 16, 32]) <- teacher taps, by stride (automatic pairing):\n")
+    assert "| 8 | 8 | 16 | as is | 6x6 |" in out
+
+    assert T.main([*argv, "--taps", "up_blocks.0.resnets.1", "--image-size", "16"]) == 0
+    assert capsys.readouterr().out.endswith("| up_blocks.0.resnets.1 | output_blocks.1 | 8 | 16 | (B, 16, 2, 2) |\n")
+
+    for bad in (["--kind", "unet"], ["--source", str(unet_dir)], [*argv, "--kind", "vae"],
+                [*argv, "--encoding", "sde"], [*argv, "--timestep", "7.5"], [*argv, "--resolution", "x"]):
+        with pytest.raises(SystemExit):
+            T.main(bad)
+    assert T.main(["--kind", "adm", "--source", str(unet_dir / "missing.pt")]) == 2
+    assert "error: " in capsys.readouterr().err
+
+
+def test_cli_takes_the_recipe_and_lets_flags_override_it(capsys):
+    recipe = RECIPES["resnet18.dreamteacher_fmnist"]
+    assert T.main(["--recipe", recipe.name, "--timestep", "9"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"teacher: kind={recipe.teacher.kind} source={recipe.teacher.source} timestep=9 ")
+    assert f"student {recipe.arch} " in out and "(the recipe pairing)" in out
+
+
+@pytest.mark.parametrize("offline", ["1", "TRUE", "yes", "0", None])
+def test_a_hub_id_that_cannot_be_loaded_names_each_place_tried(monkeypatch, offline):
+    def not_found(*args, subfolder=None, **kwargs):
+        raise OSError(f"no {subfolder or 'root'} config in the repo\nsecond line of the error")
+
+    monkeypatch.setattr(UNet2DModel, "load_config", not_found)  # no network either way
+    if offline is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    note = " (HF_HUB_OFFLINE is set: only the local cache was searched)" if offline in ("1", "TRUE", "yes") else ""
+    with pytest.raises(FileNotFoundError) as error:
+        T.build_teacher(_config("someone/tiny-ddpm"), MEAN, STD)
+    assert str(error.value) == (
+        f"teacher source 'someone/tiny-ddpm' (unet): could not load a UNet2DModel{note}: unet: no unet config in the "
+        f"repo; .: no root config in the repo. To get one: {T._how_to_get('unet')}")
+
+
+def test_a_subfolder_holding_another_class_is_skipped_for_the_root(tmp_path):
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2).save_pretrained(tmp_path / "unet")
+    UNet2DModel(**TINY_UNET).save_pretrained(tmp_path)  # the UNet sits at the root
+    assert T.build_teacher(_config(tmp_path), MEAN, STD).strides == (1, 2, 4, 8)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"could not load a UNet2DModel: unet: holds a AutoencoderKL, not a "
+                                                r"UNet2DModel\. To get one"):
+        T.build_teacher(_config(tmp_path), MEAN, STD)
