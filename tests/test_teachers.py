@@ -561,3 +561,42 @@ def test_a_subfolder_holding_another_class_is_skipped_for_the_root(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"could not load a UNet2DModel: unet: holds a AutoencoderKL, not a "
                                                 r"UNet2DModel\. To get one"):
         T.build_teacher(_config(tmp_path), MEAN, STD)
+
+
+@pytest.mark.parametrize("source,is_hub", [
+    ("google/ddpm-cifar10-32", True), ("ddpm-cifar10-32", True), ("a/b/c", False), ("./model", False),
+    ("/abs/model", False), ("~/model", False), ("dir\\model", False), ("adm.pt", False), ("x.safetensors", False),
+    ("bad repo id!", False),
+])
+def test_which_sources_count_as_hub_ids(source, is_hub):
+    assert T._is_hub_id(source) is is_hub
+
+
+def test_the_scheduler_config_is_read_from_scheduler_or_the_root_else_the_default(tmp_path, caplog):
+    DDPMScheduler(num_train_timesteps=300, beta_schedule="squaredcos_cap_v2").save_pretrained(tmp_path / "a")
+    assert T._load_scheduler(str(tmp_path / "a")).config.num_train_timesteps == 300  # the root
+    DDPMScheduler(num_train_timesteps=200).save_pretrained(tmp_path / "a" / "scheduler")
+    scheduler = T._load_scheduler(str(tmp_path / "a"))
+    assert scheduler.config.num_train_timesteps == 200  # scheduler/ first
+    (tmp_path / "b").mkdir()
+    with caplog.at_level("INFO", logger=T.logger.name):
+        default = T._load_scheduler(str(tmp_path / "b"))
+    assert default.config.num_train_timesteps == 1000 and default.config.beta_schedule == "linear"
+    assert f"no scheduler config in {tmp_path / 'b'}: using the linear 1000-step DDPM schedule" in caplog.messages
+
+
+def test_probe_taps_runs_a_meta_copy_and_falls_back_to_the_real_unet(monkeypatch):
+    unet = UNet2DModel(**TINY_UNET)
+    calls = []
+    unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
+    names = T.default_tap_names(unet)
+    taps, order = T.probe_taps(unet, names)
+    assert calls == [] and [(t.stride, t.channels) for t in taps] == [(1, 8), (2, 16), (4, 16), (8, 16)]
+    assert order == tuple(t.name for t in reversed(taps))  # the decoder runs coarse to fine
+
+    def no_meta(*args, **kwargs):
+        raise NotImplementedError("no meta kernel")
+
+    monkeypatch.setattr(UNet2DModel, "from_config", no_meta)
+    assert T.probe_taps(unet, names) == (taps, order)
+    assert calls == [torch.Size([1, 3, 32, 32])]  # the real UNet, once, at batch 1 and the 4x4-coarsest size
