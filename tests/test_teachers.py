@@ -600,3 +600,41 @@ def test_probe_taps_runs_a_meta_copy_and_falls_back_to_the_real_unet(monkeypatch
     monkeypatch.setattr(UNet2DModel, "from_config", no_meta)
     assert T.probe_taps(unet, names) == (taps, order)
     assert calls == [torch.Size([1, 3, 32, 32])]  # the real UNet, once, at batch 1 and the 4x4-coarsest size
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "epsilon+sigma"])
+def test_every_prediction_type_converts_to_the_true_noise(monkeypatch, prediction_type):
+    """_epsilon with an oracle UNet that predicts its target exactly (eps, v or x0; ADM's learn_sigma doubles the
+    channels) returns the true noise."""
+    scheduler = DDPMScheduler(num_train_timesteps=500, prediction_type=prediction_type.split("+")[0])
+    t = T.FrozenTeacher(UNet2DModel(**TINY_UNET), scheduler, 50, MEAN, STD, encoding="ddim")
+    x0, eps = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    a = float(scheduler.alphas_cumprod[30])
+    xt = a**0.5 * x0 + (1 - a) ** 0.5 * eps
+    target = {"v_prediction": a**0.5 * eps - (1 - a) ** 0.5 * x0, "sample": x0}.get(t.prediction_type, eps)
+    if "sigma" in prediction_type:
+        target = torch.cat([eps, torch.full_like(eps, 7.0)], 1)
+
+    def oracle(x, steps):
+        assert steps.dtype == torch.long and steps.tolist() == [30, 30]
+        return target
+
+    monkeypatch.setattr(t, "_unet", oracle)
+    torch.testing.assert_close(t._epsilon(xt, 30), eps, rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_inversion_visits_equally_spaced_timesteps_from_zero(unet_dir, monkeypatch):
+    t = T.build_teacher(_config(unet_dir, encoding="ddim"), MEAN, STD, ddim_steps=3)
+    visited = []
+    monkeypatch.setattr(t, "_epsilon", lambda x, step: visited.append(step) or torch.zeros_like(x))
+    t.ddim_invert(torch.randn(1, 3, 8, 8))
+    assert visited == [0, 17, 33]  # round(linspace(0, 50, 4)) without its end
+
+
+def test_an_unknown_prediction_type_is_refused_by_ddim():
+    scheduler = DDPMScheduler(num_train_timesteps=500)
+    scheduler.register_to_config(prediction_type="flow")
+    t = T.FrozenTeacher(UNet2DModel(**TINY_UNET), scheduler, 50, MEAN, STD, encoding="ddim")
+    assert t.prediction_type == "flow"
+    with pytest.raises(ValueError, match="DDIM inversion does not support prediction_type 'flow'"):
+        t(torch.zeros(1, 3, 32, 32))
