@@ -6,6 +6,7 @@ Every model here is a tiny random one built from a config dict and saved to tmp_
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -638,3 +639,19 @@ def test_an_unknown_prediction_type_is_refused_by_ddim():
     assert t.prediction_type == "flow"
     with pytest.raises(ValueError, match="DDIM inversion does not support prediction_type 'flow'"):
         t(torch.zeros(1, 3, 32, 32))
+
+
+def test_the_empty_prompt_embedding_may_drop_its_batch_axis_but_must_fit_the_unet(latent_dir):
+    unet = UNet2DConditionModel.from_pretrained(latent_dir / "unet")
+    vae = AutoencoderKL.from_pretrained(latent_dir / "vae")
+    scheduler = DDPMScheduler()
+    emb = torch.randn(7, 8)
+    for given in (emb, emb[None]):
+        t = T.FrozenTeacher(unet, scheduler, 50, MEAN, STD, vae=vae, prompt_embedding=given, kind="latent")
+        assert torch.equal(t.prompt_embedding, emb[None])
+    for bad in (torch.randn(2, 7, 8), torch.randn(7, 9), torch.randn(1, 1, 7, 8)):
+        shape = re.escape(str(tuple(bad.shape)))
+        with pytest.raises(ValueError, match=rf"must be \(1, tokens, 8\) for this UNet, got {shape}$"):
+            T.FrozenTeacher(unet, scheduler, 50, MEAN, STD, vae=vae, prompt_embedding=bad, kind="latent")
+    assert all(not p.requires_grad for p in t.parameters())  # the VAE too, not only the UNet
+    assert t.size_multiple == 2 * 8  # the UNet's one downsampling times the VAE's factor
