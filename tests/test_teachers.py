@@ -655,3 +655,17 @@ def test_the_empty_prompt_embedding_may_drop_its_batch_axis_but_must_fit_the_une
             T.FrozenTeacher(unet, scheduler, 50, MEAN, STD, vae=vae, prompt_embedding=bad, kind="latent")
     assert all(not p.requires_grad for p in t.parameters())  # the VAE too, not only the UNet
     assert t.size_multiple == 2 * 8  # the UNet's one downsampling times the VAE's factor
+
+
+def test_build_teacher_passes_every_setting_through(unet_dir):
+    config = _config(unet_dir, encoding="ddim", resolution=64, timestep=20)
+    t = T.build_teacher(config, MEAN, STD, device="cpu", ddim_steps=2, channels_last=True, early_stop=False,
+                        taps=["up_blocks.1.resnets.1", "up_blocks.0.resnets.1"])
+    assert (t.kind, t.source, t.timestep, t.encoding, t.ddim_steps, t.resolution) == \
+        ("unet", str(unet_dir), 20, "ddim", 2, 64)
+    assert (t.channels_last, t.early_stop, t.device) == (True, False, torch.device("cpu"))
+    assert [tap.name for tap in t.taps] == ["up_blocks.1.resnets.1", "up_blocks.0.resnets.1"]
+    assert T.build_teacher(_config(unet_dir, taps=("up_blocks.0.resnets.1",)), MEAN, STD).strides == (8,)
+    default = T.build_teacher(_config(unet_dir), MEAN, STD)
+    assert (default.channels_last, default.early_stop, default.dtype, default.ddim_steps) == \
+        (False, True, None, T.DEFAULT_DDIM_STEPS)
