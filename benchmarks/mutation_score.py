@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import functools
 import os
 import re
 import shutil
@@ -115,13 +116,20 @@ CLI_TEXT_KEYWORDS = {"help", "description", "epilog", "metavar"}  # what argpars
 
 
 def _code_without_cli_text(function: ast.AST) -> str:
-    """The function's AST with its name and every help / description / epilog / metavar value blanked."""
+    """The function's AST without its name and without any help / description / epilog / metavar argument."""
     function = copy.deepcopy(function)
     function.name = ""
     for node in ast.walk(function):
-        if isinstance(node, ast.keyword) and node.arg in CLI_TEXT_KEYWORDS:
-            node.value = ast.Constant(None)
+        if isinstance(node, ast.Call):
+            node.keywords = [k for k in node.keywords if k.arg not in CLI_TEXT_KEYWORDS]
     return ast.dump(function)
+
+
+@functools.lru_cache(maxsize=4)
+def _functions(path: Path) -> dict[str, ast.AST]:
+    """{name: def} of a mutants file (parsed once: it holds every mutant of the module)."""
+    return {node.name: node for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
 
 
 def changes_cli_text_only(root: Path, name: str) -> bool:
@@ -131,8 +139,7 @@ def changes_cli_text_only(root: Path, name: str) -> bool:
     path = root / "mutants" / (module.replace(".", "/") + ".py")
     if not path.is_file():
         path = path.with_suffix("") / "__init__.py"
-    functions = {node.name: node for node in ast.walk(ast.parse(path.read_text()))
-                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    functions = _functions(path)
     original = functions.get(function.rpartition("__mutmut_")[0] + "__mutmut_orig")
     return function in functions and original is not None and \
         _code_without_cli_text(functions[function]) == _code_without_cli_text(original)

@@ -22,6 +22,11 @@ MUTANTS = textwrap.dedent('''
         p.add_argument("--out", default="export", metavar="XXDIRXX", help=None)
         return p.parse_args(argv)
 
+    def x_parse_args__mutmut_5(argv):
+        p = argparse.ArgumentParser()
+        p.add_argument("--out", default="export", help="folder (default export)")
+        return p.parse_args(argv)
+
     def x_parse_args__mutmut_3(argv):
         p = argparse.ArgumentParser(description="Export a run")
         p.add_argument("--out", default="XXexportXX", metavar="DIR", help="folder (default export)")
@@ -55,6 +60,7 @@ def test_only_printed_text_changes_count_as_equivalent(tmp_path):
 
     assert cli_only("hub.export.x_parse_args__mutmut_1")  # description
     assert cli_only("hub.export.x_parse_args__mutmut_2")  # metavar and help
+    assert cli_only("hub.export.x_parse_args__mutmut_5")  # description and metavar dropped
     assert cli_only("pkg.x_parse_args__mutmut_1")  # a package's __init__
     assert cli_only("hub.export.xǁRunnerǁrun__mutmut_1")  # a method
     assert not cli_only("hub.export.x_parse_args__mutmut_3")  # a default is behaviour
