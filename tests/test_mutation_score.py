@@ -8,17 +8,17 @@ from benchmarks.mutation_score import changes_cli_text_only
 
 MUTANTS = textwrap.dedent('''
     def x_parse_args__mutmut_orig(argv):
-        p = argparse.ArgumentParser(description="Export a run")
+        p = argparse.ArgumentParser(description="Export a run", formatter_class=Raw)
         p.add_argument("--out", default="export", metavar="DIR", help="folder (default export)")
         return p.parse_args(argv)
 
     def x_parse_args__mutmut_1(argv):
-        p = argparse.ArgumentParser(description="XXExport a runXX")
+        p = argparse.ArgumentParser(description="XXExport a runXX", formatter_class=Raw)
         p.add_argument("--out", default="export", metavar="DIR", help="folder (default export)")
         return p.parse_args(argv)
 
     def x_parse_args__mutmut_2(argv):
-        p = argparse.ArgumentParser(description="Export a run")
+        p = argparse.ArgumentParser(description="Export a run", formatter_class=Raw)
         p.add_argument("--out", default="export", metavar="XXDIRXX", help=None)
         return p.parse_args(argv)
 
@@ -28,12 +28,12 @@ MUTANTS = textwrap.dedent('''
         return p.parse_args(argv)
 
     def x_parse_args__mutmut_3(argv):
-        p = argparse.ArgumentParser(description="Export a run")
+        p = argparse.ArgumentParser(description="Export a run", formatter_class=Raw)
         p.add_argument("--out", default="XXexportXX", metavar="DIR", help="folder (default export)")
         return p.parse_args(argv)
 
     def x_parse_args__mutmut_4(argv):
-        p = argparse.ArgumentParser(description="Export a run")
+        p = argparse.ArgumentParser(description="Export a run", formatter_class=Raw)
         p.add_argument("--out", default="export", metavar="DIR", help="folder (default export)", required=True)
         return p.parse_args(argv)
 
@@ -60,7 +60,7 @@ def test_only_printed_text_changes_count_as_equivalent(tmp_path):
 
     assert cli_only("hub.export.x_parse_args__mutmut_1")  # description
     assert cli_only("hub.export.x_parse_args__mutmut_2")  # metavar and help
-    assert cli_only("hub.export.x_parse_args__mutmut_5")  # description and metavar dropped
+    assert cli_only("hub.export.x_parse_args__mutmut_5")  # description, formatter_class and metavar dropped
     assert cli_only("pkg.x_parse_args__mutmut_1")  # a package's __init__
     assert cli_only("hub.export.xǁRunnerǁrun__mutmut_1")  # a method
     assert not cli_only("hub.export.x_parse_args__mutmut_3")  # a default is behaviour
