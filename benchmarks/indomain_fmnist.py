@@ -292,16 +292,20 @@ def _step_seconds(run_dir: Path, batch_size: int) -> list[float]:
     return [batch_size / row["images_per_s"] for row in _metrics(run_dir)]
 
 
-def calibrate_dreamteacher(args, batch_size: int, teacher: str, threads: int, work: Path) -> float:
+def calibrate_dreamteacher(args, batch_size: int, teacher: str, threads: int, work: Path,
+                           extra_argv: tuple[str, ...] = ()) -> tuple[float, float]:
+    """(median seconds per step, wall seconds of the whole calibration run)."""
     from training import pretrain
 
     calib_dir = work / "dreamteacher_calibration"
     shutil.rmtree(calib_dir, ignore_errors=True)
+    t0 = time.perf_counter()
     pretrain.main(_dreamteacher_argv(args, args.seed, batch_size, calib_dir, args.calibration_steps, teacher,
-                                     threads) + ["--no-export", "--feature-images", "0"])
+                                     threads) + ["--no-export", "--feature-images", "0", *extra_argv])
+    wall_s = time.perf_counter() - t0
     sec_per_step = statistics.median(_step_seconds(calib_dir, batch_size)[1:])
     shutil.rmtree(calib_dir, ignore_errors=True)
-    return sec_per_step
+    return sec_per_step, wall_s
 
 
 def feature_cache_dir(work: Path, seed: int) -> Path:
@@ -313,22 +317,12 @@ def calibrate_dreamteacher_cached(args, batch_size: int, teacher: str, threads: 
                                   ) -> tuple[float, float]:
     """(seconds per step reading the cache, seconds to build the cache). The build time is the wall-time difference
     between a calibration run that builds the cache and the same run reusing it; the cache is kept for the entries."""
-    from training import pretrain
-
     cache = feature_cache_dir(work, args.seed)
     shutil.rmtree(cache, ignore_errors=True)
-    calib_dir = work / "dreamteacher_cached_calibration"
-    walls = []
-    for _ in range(2):  # first run: build + steps; second: steps only
-        shutil.rmtree(calib_dir, ignore_errors=True)
-        t0 = time.perf_counter()
-        pretrain.main(_dreamteacher_argv(args, args.seed, batch_size, calib_dir, args.calibration_steps, teacher,
-                                         threads) + ["--no-export", "--feature-images", "0", "--feature-cache",
-                                                     str(cache)])
-        walls.append(time.perf_counter() - t0)
-    sec_per_step = statistics.median(_step_seconds(calib_dir, batch_size)[1:])
-    shutil.rmtree(calib_dir, ignore_errors=True)
-    return sec_per_step, max(0.0, walls[0] - walls[1])
+    cached = ("--feature-cache", str(cache))
+    _, build_and_steps_s = calibrate_dreamteacher(args, batch_size, teacher, threads, work, cached)
+    sec_per_step, steps_s = calibrate_dreamteacher(args, batch_size, teacher, threads, work, cached)
+    return sec_per_step, max(0.0, build_and_steps_s - steps_s)
 
 
 def pretrain_dreamteacher(seed: int, steps: int | None, args, recipe: Recipe, batch_size: int, teacher: str,
@@ -553,7 +547,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for method in (m for m in BUDGETED if m in methods and m not in report["calibration"]):
         build_s = 0.0
         if method == "dreamteacher":
-            sec = calibrate_dreamteacher(args, batch_size, teacher_source, threads, work)
+            sec, _ = calibrate_dreamteacher(args, batch_size, teacher_source, threads, work)
         elif method == "dreamteacher-cached":
             sec, build_s = calibrate_dreamteacher_cached(args, batch_size, teacher_source, threads, work)
         else:
