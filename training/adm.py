@@ -756,18 +756,22 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
+def _read_conversion_meta(folder: str | os.PathLike) -> dict | None:
+    """The adm_flags.json ``convert_to_folder`` wrote into `folder` (None if there is none)."""
+    f = Path(folder) / FLAGS_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
 def read_adm_flags(folder: str | os.PathLike) -> ADMFlags | None:
     """The ADMFlags a folder written by ``convert_to_folder`` came from (None if it has no adm_flags.json)."""
-    f = Path(folder) / FLAGS_FILE
-    if not f.is_file():
-        return None
-    return ADMFlags(**json.loads(f.read_text())["flags"])
+    meta = _read_conversion_meta(folder)
+    return None if meta is None else ADMFlags(**meta["flags"])
 
 
 def read_source_sha256(folder: str | os.PathLike) -> str | None:
     """The SHA-256 of the checkpoint a ``convert_to_folder`` folder was converted from, where it was recorded."""
-    f = Path(folder) / FLAGS_FILE
-    return json.loads(f.read_text()).get("source_sha256") if f.is_file() else None
+    meta = _read_conversion_meta(folder)
+    return None if meta is None else meta.get("source_sha256")
 
 
 def convert_to_folder(
