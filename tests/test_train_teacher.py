@@ -256,3 +256,23 @@ def test_denoising_loss_targets_what_the_scheduler_predicts(prediction_type, rig
 
 def test_the_default_teacher_is_trained_to_predict_the_noise():
     assert train_teacher.build_scheduler().config.prediction_type == "epsilon"
+
+
+def test_init_from_starts_from_a_teacher_folders_weights_and_refuses_another_architecture(tmp_path, idx_dir):
+    first = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "a"), "--max-steps", "2",
+                                "--checkpoint-every", "2", *TINY])
+    # lr 0: the optimizer leaves the weights as loaded, so the EMA export must equal the folder bit for bit
+    second = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "b"), "--max-steps", "1",
+                                 "--checkpoint-every", "1", "--init-from", str(first), *TINY, "--lr", "0"])
+    a, b = _unet_weights(first), _unet_weights(second)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert f"| initialized from | {first} |" in (second / "README.md").read_text()
+
+    with pytest.raises(ValueError, match=r"layers_per_block: folder 1, flags 2"):
+        train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "c"), "--max-steps", "1",
+                            "--init-from", str(first), *TINY, "--layers-per-block", "2"])
+    with pytest.raises(FileNotFoundError, match=r"no unet/config.json"):
+        train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "d"), "--max-steps", "1",
+                            "--init-from", str(tmp_path), *TINY])

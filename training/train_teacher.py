@@ -111,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the sample grid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp16-export", action="store_true", help="cast the exported UNet weights to fp16")
+    p.add_argument("--init-from", default=None,
+                   help="start from the UNet of this teacher folder (a train_teacher.py export) instead of random "
+                        "weights: fresh optimizer, lr schedule and EMA; its architecture must match the flags")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--allow-resume-mismatch", action="store_true",
                    help="resume even when the data, batch, process layout or seed differ from the checkpoint's")
@@ -149,6 +152,29 @@ def build_unet(resolution: int, block_out_channels, layers_per_block: int, chann
         up_block_types=("UpBlock2D",) * n,
         norm_num_groups=norm_num_groups,
     )
+
+
+def load_init_unet(folder: str, resolution: int, block_out_channels, layers_per_block: int,
+                   norm_num_groups: int):
+    """The fp32 UNet of a teacher folder, refused unless it is the UNet the flags describe (so the export's README,
+    the checkpoints' facts and the student's tap table all describe the weights actually trained)."""
+    from diffusers import UNet2DModel
+
+    unet_dir = Path(folder) / "unet"
+    if not (unet_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--init-from {folder}: no unet/config.json there; expected a teacher folder "
+                                "written by train_teacher.py (model_index.json, unet/, scheduler/)")
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
+    wanted = build_unet(resolution, block_out_channels, layers_per_block, norm_num_groups=norm_num_groups).config
+    keys = ("sample_size", "in_channels", "out_channels", "layers_per_block", "block_out_channels",
+            "down_block_types", "up_block_types", "norm_num_groups")
+    differ = {k: (unet.config[k], wanted[k]) for k in keys if list(np.atleast_1d(unet.config[k]))
+              != list(np.atleast_1d(wanted[k]))}
+    if differ:
+        detail = "; ".join(f"{k}: folder {a!r}, flags {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(f"--init-from {folder}: its UNet is not the one the flags describe ({detail}); pass the "
+                         "folder's --resolution / --block-out-channels / --layers-per-block / --norm-num-groups")
+    return unet
 
 
 def build_scheduler(num_train_timesteps: int = 1000):
@@ -270,6 +296,7 @@ load with `UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=tor
 |---|---|
 | command | `{cmd}` |
 | UNet | {arch} |
+| initialized from | {args.init_from or 'random weights'} |
 | noise schedule | DDPM linear betas, {args.num_train_timesteps} steps, epsilon prediction, MSE |
 | optimizer steps | {state.step} |
 | batch size (global) | {args.batch_size * args.gradient_accumulation_steps} x {_world_size()} process(es) |
@@ -336,8 +363,13 @@ def main(argv: list[str] | None = None) -> Path:
     loader = data.build_dataloader(train_ds, args.batch_size, shuffle=True, seed=args.seed,
                                    num_workers=args.num_workers, drop_last=True)
 
-    unet = build_unet(args.resolution, args.block_out_channels, args.layers_per_block,
-                      norm_num_groups=args.norm_num_groups)
+    if args.init_from:  # a --resume below still wins: the checkpoint's weights replace these
+        unet = load_init_unet(args.init_from, args.resolution, args.block_out_channels, args.layers_per_block,
+                              args.norm_num_groups)
+        logger.info("UNet initialized from %s", args.init_from)
+    else:
+        unet = build_unet(args.resolution, args.block_out_channels, args.layers_per_block,
+                          norm_num_groups=args.norm_num_groups)
     noise_scheduler = build_scheduler(args.num_train_timesteps)
     ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
                    power=args.ema_power, model_cls=UNet2DModel, model_config=unet.config)
