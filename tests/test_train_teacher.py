@@ -276,3 +276,72 @@ def test_init_from_starts_from_a_teacher_folders_weights_and_refuses_another_arc
     with pytest.raises(FileNotFoundError, match=r"no unet/config.json"):
         train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "d"), "--max-steps", "1",
                             "--init-from", str(tmp_path), *TINY])
+
+
+def test_every_optimizer_ema_and_noise_flag_reaches_what_it_configures(tmp_path, idx_dir, monkeypatch):
+    import accelerate
+    import diffusers.optimization
+    import diffusers.training_utils
+
+    seen = {}
+
+    def spy(name, real):
+        def wrapped(*args, **kwargs):
+            seen[name] = kwargs
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy("adamw", torch.optim.AdamW))
+    monkeypatch.setattr(diffusers.training_utils, "EMAModel", spy("ema", diffusers.training_utils.EMAModel))
+    monkeypatch.setattr(diffusers.optimization, "get_scheduler", spy("sched", diffusers.optimization.get_scheduler))
+    real_clip = accelerate.Accelerator.clip_grad_norm_
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_",
+                        lambda self, params, max_norm, *a, **k: seen.setdefault("clip", []).append(max_norm)
+                        or real_clip(self, params, max_norm, *a, **k))
+    export = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "2",
+                                 *TINY, "--lr", "3e-4", "--adam-beta1", "0.8", "--adam-beta2", "0.97",
+                                 "--weight-decay", "0.02", "--max-grad-norm", "0.5", "--ema-max-decay", "0.99",
+                                 "--ema-inv-gamma", "2.0", "--ema-power", "0.5", "--lr-scheduler", "constant",
+                                 "--lr-warmup-steps", "1", "--num-train-timesteps", "500"])
+    assert seen["adamw"] == {"lr": 3e-4, "betas": (0.8, 0.97), "weight_decay": 0.02}
+    assert {k: seen["ema"][k] for k in ("decay", "use_ema_warmup", "inv_gamma", "power")} == {
+        "decay": 0.99, "use_ema_warmup": True, "inv_gamma": 2.0, "power": 0.5}
+    assert seen["sched"] == {"num_warmup_steps": 1, "num_training_steps": 2}
+    assert seen["clip"] == [0.5, 0.5]  # once per optimizer step
+    from diffusers import DDPMScheduler
+
+    assert DDPMScheduler.from_pretrained(export / "scheduler").config.num_train_timesteps == 500
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == [3e-4, 3e-4]  # constant after one warm-up step
+    # EMA warm-up: decay(step) = 1 - (1 + step / inv_gamma) ** -power, capped at --ema-max-decay
+    assert [r["ema_decay"] for r in rows] == pytest.approx([0.0, 1 - (1 + 1 / 2.0) ** -0.5], abs=1e-9)
+
+
+class _Clock:
+    """train_teacher's `time` module, advancing 30 s at every call: step k ends at 60 k s of training."""
+
+    def __init__(self):
+        self.now = -30.0
+
+    def time(self):
+        self.now += 30.0
+        return self.now
+
+
+def test_minute_based_checkpoints_and_stop_follow_the_training_clock(tmp_path, idx_dir, monkeypatch):
+    monkeypatch.setattr(train_teacher, "time", _Clock())
+    run = tmp_path / "every"
+    train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(run), "--max-steps", "6",
+                        "--checkpoint-every", "100", "--checkpoint-every-minutes", "1.5",
+                        "--checkpoints-total-limit", "10", *TINY])
+    # checkpoint clock: step k ends at 30 (2k + 1) s; due once 90 s passed since the last one, and at the end
+    assert sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").iterdir()) == [1, 3, 5, 6]
+
+    monkeypatch.setattr(train_teacher, "time", _Clock())
+    run = tmp_path / "stop"
+    export = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(run), "--max-steps", "10",
+                                 "--checkpoint-every", "100", "--max-minutes", "2", *TINY])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # stopped when 2 minutes were reached, not after
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2"]
+    assert "| optimizer steps | 2 |" in (export / "README.md").read_text()
