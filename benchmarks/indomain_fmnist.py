@@ -110,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", help="name of this run's outputs (default: budget<M>min_seed<S>[_<overrides>])")
     p.add_argument("--resume", action="store_true",
                    help="continue the run of this tag: keep its finished entries and calibration")
+    p.add_argument("--steps-from", metavar="TAG",
+                   help="take the budgeted methods' step counts from the earlier run TAG (in --out-dir) instead of "
+                        "timing them, to compare a changed teacher or recipe at the same steps")
     p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"table + JSON folder (default {DEFAULT_OUT_DIR})")
     p.add_argument("--work-dir", default=DEFAULT_WORK_DIR,
                    help=f"trained backbones and the DreamTeacher runs (default {DEFAULT_WORK_DIR})")
@@ -438,6 +441,7 @@ def settings_line(report: dict[str, Any]) -> str:
     s = report["settings"]
     ev = s.get("evaluation", {})
     calib = ", ".join(f"{m} {c['seconds_per_step']:.3f} s/step -> {c['steps']} steps"
+                      + (f" (taken from {c['steps_from']})" if c.get("steps_from") else "")
                       for m, c in report.get("calibration", {}).items())
     return (f"budget {s['budget_minutes']:g} min per method ({calib or 'no budgeted method'}), batch "
             f"{s['batch_size']}, {s['num_workers']} workers, {s['threads']} threads, recipe {s['recipe']} "
@@ -466,6 +470,20 @@ def write_report(report: dict[str, Any], out_dir: Path, tag: str) -> tuple[Path,
         tmp.write_text(text)
         tmp.replace(path)
     return md, js
+
+
+def calibration_from(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The step counts the earlier run at `path` calibrated, each marked with where it came from; refused when that
+    run had another budget, batch or pretraining set (its steps would not be this run's budget)."""
+    if not path.is_file():
+        tags = sorted(p.stem for p in path.parent.glob("*.json"))
+        raise SystemExit(f"--steps-from: no {path}; the tags there: {', '.join(tags) or 'none'}")
+    old = json.loads(path.read_text())
+    diffs = [f"{k}: {old['settings'].get(k)!r} then, {settings.get(k)!r} now"
+             for k in ("budget_minutes", "batch_size", "pretrain_images") if old["settings"].get(k) != settings.get(k)]
+    if diffs:
+        raise SystemExit(f"--steps-from: {path} was run with another budget ({'; '.join(diffs)})")
+    return {method: {**calib, "steps_from": str(path)} for method, calib in old.get("calibration", {}).items()}
 
 
 def resumed_report(report: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -524,6 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "max_train": args.max_train, "max_test": args.max_test, "ft_epochs": args.ft_epochs,
                      "input_size": list(recipe.data.input_size), "arch": recipe.arch, "device": device,
                      "zero_init_last": recipe.zero_init_last,
+                     "steps_from": args.steps_from,
                      "budget_rule": "steps = floor(budget / median calibrated seconds per step), full LR schedule"},
         "machine": {"facts": machine_facts(), "torch": torch.__version__,
                     "matmul_gflops": [round(matmul_gflops(), 1)]},
@@ -533,6 +552,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.resume and (out_dir / f"{tag}.json").is_file():
         report = resumed_report(report, out_dir / f"{tag}.json")
         logger.info("resuming %s: %d entries finished", tag, len(report["methods"]))
+    if args.steps_from:
+        taken = calibration_from(out_dir / f"{args.steps_from}.json", report["settings"])
+        report["calibration"] = {**taken, **report["calibration"]}
+        logger.info("steps taken from %s: %s", args.steps_from,
+                    ", ".join(f"{m} {c['steps']}" for m, c in taken.items()))
     logger.info("in-domain benchmark %s: %s, %.1f min per budgeted method, %d threads, %s", tag,
                 ",".join(report["settings"]["entries"]), args.budget_minutes, threads, report["machine"]["facts"])
     hf_train = load_pretrain_images(args, recipe) if methods & set(PRETRAINED) else None

@@ -103,3 +103,22 @@ def test_indomain_resume_refuses_other_settings_and_keeps_finished_entries(tmp_p
     fresh["settings"]["batch_size"] = 2
     with pytest.raises(SystemExit, match="batch_size: 1 then, 2 now"):
         bench.resumed_report(fresh, path)
+
+
+def test_steps_from_takes_an_earlier_runs_step_counts_at_the_same_budget_only(tmp_path):
+    from benchmarks import indomain_fmnist as bench
+
+    settings = {"budget_minutes": 30, "batch_size": 128, "pretrain_images": None}
+    calib = {"dreamteacher": {"steps_timed": 6, "seconds_per_step": 1.05, "steps": 1711}}
+    (tmp_path / "b30.json").write_text(json.dumps({"settings": settings, "calibration": calib}))
+    taken = bench.calibration_from(tmp_path / "b30.json", dict(settings))
+    assert taken == {"dreamteacher": {**calib["dreamteacher"], "steps_from": str(tmp_path / "b30.json")}}
+    report = {"settings": {**settings, "steps_from": "b30"}, "calibration": taken, "methods": {},
+              "machine": {"facts": "cpu", "matmul_gflops": [1.0]}}
+    assert "dreamteacher 1.050 s/step -> 1711 steps (taken from" in bench.settings_line({
+        **report, "settings": {**report["settings"], "entries": [], "num_workers": 0, "threads": 2,
+                               "recipe": "r", "teacher": "t", "timestep": 50, "overrides": []}})
+    with pytest.raises(SystemExit, match=r"budget_minutes: 30 then, 10 now"):
+        bench.calibration_from(tmp_path / "b30.json", {**settings, "budget_minutes": 10})
+    with pytest.raises(SystemExit, match=r"no .*b5\.json; the tags there: b30"):
+        bench.calibration_from(tmp_path / "b5.json", settings)
