@@ -669,3 +669,46 @@ def test_build_teacher_passes_every_setting_through(unet_dir):
     default = T.build_teacher(_config(unet_dir), MEAN, STD)
     assert (default.channels_last, default.early_stop, default.dtype, default.ddim_steps) == \
         (False, True, None, T.DEFAULT_DDIM_STEPS)
+
+
+def _write_adm_flags(folder, flags):
+    """The adm_flags.json convert_to_folder writes, without converting a model."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adm_flags.json").write_text(json.dumps({"flags": dataclasses.asdict(flags)}))
+
+
+def test_a_converted_folders_adm_numbering_comes_from_its_flags_then_the_recipes_preset(tmp_path):
+    from training import adm
+
+    small = dataclasses.replace(adm.PRESETS["256x256_diffusion_uncond"], num_res_blocks=1,
+                                channel_mult=(1, 2), image_size=32)
+    big = adm.PRESETS["256x256_diffusion_uncond"]
+    _write_adm_flags(tmp_path / "root", small)
+    _write_adm_flags(tmp_path / "nested" / "unet", small)
+    (tmp_path / "bare").mkdir()
+    for source in (tmp_path / "root", tmp_path / "nested"):  # the folder's own flags win over the recipe's preset
+        assert T._adm_folder_output_blocks(str(source), "256x256_diffusion_uncond") == T.adm_output_block_names(small)
+    assert len(T.adm_output_block_names(small)) == 2 * 2  # 2 levels x (1 res block + 1)
+    assert T._adm_folder_output_blocks(str(tmp_path / "bare"), "256x256_diffusion_uncond") == \
+        T.adm_output_block_names(big)
+    assert T._adm_folder_output_blocks(str(tmp_path / "bare"), None) is None
+    with pytest.raises(ValueError, match=r"adm_preset set to one of \[.*'256x256_diffusion_uncond'.*\], got 'nope'"):
+        T._adm_folder_output_blocks(str(tmp_path / "bare"), "nope")
+    with pytest.raises(ValueError, match=r"got None"):
+        T._convert_adm(str(tmp_path / "x.pt"), None)
+
+
+@pytest.mark.parametrize("preset, schedule", [("64x64_diffusion", "squaredcos_cap_v2"),
+                                              ("256x256_diffusion_uncond", "linear"), ("lsun_cat", "linear")])
+def test_an_adm_checkpoint_gets_the_noise_schedule_it_was_trained_with(preset, schedule, monkeypatch):
+    from training import adm
+
+    converted = {}
+    monkeypatch.setattr(adm, "load_checkpoint", lambda source: {"read": source})
+    monkeypatch.setattr(adm, "convert", lambda sd, flags: converted.update(sd=sd, flags=flags) or "unet")
+    unet, scheduler, blocks = T._convert_adm("/ckpt.pt", preset)
+    assert unet == "unet" and converted == {"sd": {"read": "/ckpt.pt"}, "flags": adm.PRESETS[preset]}
+    assert scheduler.config.beta_schedule == schedule and scheduler.config.num_train_timesteps == 1000
+    assert blocks == T.adm_output_block_names(adm.PRESETS[preset])
