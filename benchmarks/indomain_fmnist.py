@@ -71,6 +71,7 @@ from torch import nn  # noqa: E402
 
 from benchmarks.common import machine_facts, matmul_gflops  # noqa: E402
 from dreamteacher_models.recipes import DEFAULT_RECIPE, Recipe, apply_overrides, get_recipe  # noqa: E402
+from training.train_teacher import training_cost  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("random", "pixels", "simclr", "byol", "dreamteacher", "dreamteacher-cached", "dreamteacher-recipe",
@@ -85,7 +86,8 @@ LABELS = {"random": "random init", "pixels": "raw pixels (reference)", "simclr":
           "teacher": "teacher features (reference)"}
 # settings a --resume must share with the run it continues
 RESUME_SETTINGS = ("budget_minutes", "batch_size", "num_workers", "calibration_steps", "recipe", "overrides",
-                   "teacher", "timestep", "data", "pretrain_images", "max_train", "max_test", "ft_epochs", "threads")
+                   "teacher", "timestep", "data", "pretrain_images", "max_train", "max_test", "ft_epochs", "threads",
+                   "steps_from")
 DEFAULT_OUT_DIR = "benchmarks/results/indomain_fmnist"
 DEFAULT_WORK_DIR = "runs/bench_indomain_fmnist"
 
@@ -181,19 +183,6 @@ def resolve_teacher_source(args: argparse.Namespace, recipe: Recipe) -> str:
     if not Path(source).expanduser().exists() and (REPO / source).exists():
         source = str(REPO / source)  # the recipe's relative path, run from outside the repo
     return source
-
-
-def teacher_training_cost(source: str) -> str | None:
-    """'<wall time> on <machine>' from the `| wall time |` and `| machine |` rows of the teacher folder's README
-    (written by training/train_teacher.py), or None where the folder has no such README."""
-    readme = Path(source) / "README.md"
-    if not readme.is_file():
-        return None
-    rows = dict(re.findall(r"^\| (wall time|machine) \| (.+?) \|$", readme.read_text(), flags=re.M))
-    if "wall time" not in rows:
-        return None
-    machine = rows.get("machine", "").split(",")[0].strip()
-    return f"{rows['wall time']} on {machine}" if machine else rows["wall time"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,7 +340,7 @@ def pretrain_dreamteacher(seed: int, steps: int | None, args, recipe: Recipe, ba
             "optimizer": f"{recipe.optim.optimizer} lr {recipe.optim.lr:g} wd {recipe.optim.weight_decay:g} "
                          f"betas {tuple(recipe.optim.betas)}, warm-up + cosine (the recipe)",
             "median_step_s": round(statistics.median(step_s), 4),
-            "teacher": teacher, "teacher_training": teacher_training_cost(teacher),
+            "teacher": teacher, "teacher_training": training_cost(teacher),
             "timestep": recipe.teacher.timestep, "run_dir": str(run_dir)}
     return backbone, info
 
@@ -440,8 +429,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 def settings_line(report: dict[str, Any]) -> str:
     s = report["settings"]
     ev = s.get("evaluation", {})
-    calib = ", ".join(f"{m} {c['seconds_per_step']:.3f} s/step -> {c['steps']} steps"
-                      + (f" (taken from {c['steps_from']})" if c.get("steps_from") else "")
+    calib = ", ".join(f"{m} {c['steps']} steps taken from {c['steps_from']} (its {c['seconds_per_step']:.3f} s/step)"
+                      if c.get("steps_from") else f"{m} {c['seconds_per_step']:.3f} s/step -> {c['steps']} steps"
                       for m, c in report.get("calibration", {}).items())
     return (f"budget {s['budget_minutes']:g} min per method ({calib or 'no budgeted method'}), batch "
             f"{s['batch_size']}, {s['num_workers']} workers, {s['threads']} threads, recipe {s['recipe']} "
@@ -472,18 +461,21 @@ def write_report(report: dict[str, Any], out_dir: Path, tag: str) -> tuple[Path,
     return md, js
 
 
-def calibration_from(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """The step counts the earlier run at `path` calibrated, each marked with where it came from; refused when that
-    run had another budget, batch or pretraining set (its steps would not be this run's budget)."""
+def calibration_from(path: Path, settings: dict[str, Any], methods: set[str]) -> dict[str, Any]:
+    """The step counts the earlier run at `path` calibrated for `methods`, each marked with where it came from;
+    refused when that run had another budget, batch, pretraining set, threads or device (its steps would not be
+    this run's budget)."""
     if not path.is_file():
         tags = sorted(p.stem for p in path.parent.glob("*.json"))
         raise SystemExit(f"--steps-from: no {path}; the tags there: {', '.join(tags) or 'none'}")
     old = json.loads(path.read_text())
     diffs = [f"{k}: {old['settings'].get(k)!r} then, {settings.get(k)!r} now"
-             for k in ("budget_minutes", "batch_size", "pretrain_images") if old["settings"].get(k) != settings.get(k)]
+             for k in ("budget_minutes", "batch_size", "pretrain_images", "threads", "device")
+             if old["settings"].get(k) != settings.get(k)]
     if diffs:
         raise SystemExit(f"--steps-from: {path} was run with another budget ({'; '.join(diffs)})")
-    return {method: {**calib, "steps_from": str(path)} for method, calib in old.get("calibration", {}).items()}
+    return {method: {**calib, "steps_from": str(path)} for method, calib in old.get("calibration", {}).items()
+            if method in methods}
 
 
 def resumed_report(report: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -553,7 +545,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report = resumed_report(report, out_dir / f"{tag}.json")
         logger.info("resuming %s: %d entries finished", tag, len(report["methods"]))
     if args.steps_from:
-        taken = calibration_from(out_dir / f"{args.steps_from}.json", report["settings"])
+        taken = calibration_from(out_dir / f"{args.steps_from}.json", report["settings"], methods & set(BUDGETED))
         report["calibration"] = {**taken, **report["calibration"]}
         logger.info("steps taken from %s: %s", args.steps_from,
                     ", ".join(f"{m} {c['steps']}" for m, c in taken.items()))
@@ -598,7 +590,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 module = PooledTeacherFeatures(teacher, seed=seed)
                 entry["pretrain"] = {"teacher": teacher_source, "timestep": recipe.teacher.timestep,
                                      "taps": [f"{t.name}@stride{t.stride}x{t.channels}" for t in teacher.taps],
-                                     "teacher_training": teacher_training_cost(teacher_source),
+                                     "teacher_training": training_cost(teacher_source),
                                      "feature_dim": module.num_features}
             else:
                 module = RawPixels(tuple(recipe.data.input_size))

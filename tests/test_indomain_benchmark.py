@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.tiny import make_tiny_teacher, write_fashion_mnist
 
@@ -108,17 +109,56 @@ def test_indomain_resume_refuses_other_settings_and_keeps_finished_entries(tmp_p
 def test_steps_from_takes_an_earlier_runs_step_counts_at_the_same_budget_only(tmp_path):
     from benchmarks import indomain_fmnist as bench
 
-    settings = {"budget_minutes": 30, "batch_size": 128, "pretrain_images": None}
-    calib = {"dreamteacher": {"steps_timed": 6, "seconds_per_step": 1.05, "steps": 1711}}
+    settings = {"budget_minutes": 30, "batch_size": 128, "pretrain_images": None, "threads": 2, "device": "cpu"}
+    calib = {"dreamteacher": {"steps_timed": 6, "seconds_per_step": 1.05, "steps": 1711},
+             "simclr": {"steps_timed": 6, "seconds_per_step": 0.88, "steps": 2056}}
     (tmp_path / "b30.json").write_text(json.dumps({"settings": settings, "calibration": calib}))
-    taken = bench.calibration_from(tmp_path / "b30.json", dict(settings))
+    taken = bench.calibration_from(tmp_path / "b30.json", dict(settings), {"dreamteacher"})
     assert taken == {"dreamteacher": {**calib["dreamteacher"], "steps_from": str(tmp_path / "b30.json")}}
-    report = {"settings": {**settings, "steps_from": "b30"}, "calibration": taken, "methods": {},
-              "machine": {"facts": "cpu", "matmul_gflops": [1.0]}}
-    assert "dreamteacher 1.050 s/step -> 1711 steps (taken from" in bench.settings_line({
-        **report, "settings": {**report["settings"], "entries": [], "num_workers": 0, "threads": 2,
-                               "recipe": "r", "teacher": "t", "timestep": 50, "overrides": []}})
-    with pytest.raises(SystemExit, match=r"budget_minutes: 30 then, 10 now"):
-        bench.calibration_from(tmp_path / "b30.json", {**settings, "budget_minutes": 10})
+    line = bench.settings_line({"calibration": taken, "settings": {
+        **settings, "steps_from": "b30", "entries": [], "num_workers": 0, "recipe": "r", "teacher": "t",
+        "timestep": 50, "overrides": []}})
+    assert f"dreamteacher 1711 steps taken from {tmp_path / 'b30.json'} (its 1.050 s/step)" in line
+    for key, value in [("budget_minutes", 10), ("batch_size", 64), ("pretrain_images", 10000), ("threads", 1),
+                       ("device", "cuda")]:
+        with pytest.raises(SystemExit, match=rf"{key}: {settings[key]!r} then, {value!r} now"):
+            bench.calibration_from(tmp_path / "b30.json", {**settings, key: value}, {"dreamteacher"})
     with pytest.raises(SystemExit, match=r"no .*b5\.json; the tags there: b30"):
-        bench.calibration_from(tmp_path / "b5.json", settings)
+        bench.calibration_from(tmp_path / "b5.json", settings, {"dreamteacher"})
+
+
+def test_a_run_with_steps_from_trains_those_steps_without_timing_anything(tmp_path, monkeypatch):
+    from benchmarks import indomain_fmnist as bench
+    from training import evaluate as evaluate_module
+    from training import teachers
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old = {"settings": {"budget_minutes": 30.0, "batch_size": 16, "pretrain_images": None, "threads": 1,
+                        "device": "cpu"},
+           "calibration": {"dreamteacher": {"steps_timed": 6, "seconds_per_step": 1.05, "steps": 1711}}}
+    (out / "b30.json").write_text(json.dumps(old))
+    trained = {}
+
+    def refuse_timing(*args, **kwargs):
+        raise AssertionError("calibrated although --steps-from gave the steps")
+
+    def fake_pretrain(seed, steps, *args, **kwargs):
+        trained[seed] = steps
+        return torch.nn.Identity(), {"steps": steps}
+
+    evaluation = {"results": {"linear probe": {"top1": 50.0}},
+                  "settings": {"train_images": 1, "test_images": 1, "fine_tune": {}, "knn": {}}}
+    monkeypatch.setattr(bench, "calibrate_dreamteacher", refuse_timing)
+    monkeypatch.setattr(bench, "pretrain_dreamteacher", fake_pretrain)
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: evaluation)
+    monkeypatch.setattr(bench, "load_pretrain_images", lambda args, recipe: [None] * 64)
+    monkeypatch.setattr(bench, "matmul_gflops", lambda: 1.0)
+    monkeypatch.setattr(teachers, "build_teacher", lambda *a, **k: "teacher")
+    bench.main(["--budget-minutes", "30", "--batch-size", "16", "--threads", "1", "--device", "cpu",
+                "--methods", "dreamteacher:0", "--steps-from", "b30", "--tag", "new", "--out-dir", str(out),
+                "--work-dir", str(tmp_path / "work"), "--no-progress"])
+    assert trained == {0: 1711}
+    saved = json.loads((out / "new.json").read_text())
+    assert saved["settings"]["steps_from"] == "b30"
+    assert saved["calibration"]["dreamteacher"]["steps_from"] == str(out / "b30.json")

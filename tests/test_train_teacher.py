@@ -258,21 +258,53 @@ def test_the_default_teacher_is_trained_to_predict_the_noise():
     assert train_teacher.build_scheduler().config.prediction_type == "epsilon"
 
 
-def test_init_from_starts_from_a_teacher_folders_weights_and_refuses_another_architecture(tmp_path, idx_dir):
+def test_init_from_starts_from_a_teacher_folders_weights_and_a_resume_from_its_checkpoint(tmp_path, idx_dir):
     first = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "a"), "--max-steps", "2",
-                                "--checkpoint-every", "2", *TINY])
-    # lr 0: the optimizer leaves the weights as loaded, so the EMA export must equal the folder bit for bit
+                                "--checkpoint-every", "2", "--fp16-export", *TINY])
+    first_cost = train_teacher.training_cost(first)
+    # lr 0: the optimizer leaves the weights as loaded, so the (fp32) EMA export must equal the fp16 folder's
     second = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "b"), "--max-steps", "1",
                                  "--checkpoint-every", "1", "--init-from", str(first), *TINY, "--lr", "0"])
     a, b = _unet_weights(first), _unet_weights(second)
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert f"| initialized from | {first} |" in (second / "README.md").read_text()
+        assert b[k].dtype == torch.float32 and torch.equal(a[k].float(), b[k]), k
+    readme = (second / "README.md").read_text()
+    assert f"| initialized from | {first} |" in readme and f"| prior training | {first_cost} |" in readme
+    assert train_teacher.training_cost(second).startswith(f"{first_cost}, then ")
 
-    with pytest.raises(ValueError, match=r"layers_per_block: folder 1, flags 2"):
-        train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "c"), "--max-steps", "1",
-                            "--init-from", str(first), *TINY, "--layers-per-block", "2"])
+    # a resume takes the checkpoint's weights: the init folder is not read again (here it is gone)
+    common = ["--data-dir", str(idx_dir), "--max-steps", "2", "--checkpoint-every", "1", "--init-from", str(first),
+              *TINY, "--lr", "1e-3"]
+    full = train_teacher.main([*common, "--output-dir", str(tmp_path / "full")])
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_1", part / "checkpoints" / "step_1")
+    shutil.rmtree(first)
+    resumed = train_teacher.main([*common, "--output-dir", str(part), "--resume", "latest"])
+    a, b = _unet_weights(full), _unet_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"init_from: .* in the checkpoint, None now"):
+        train_teacher.main(["--data-dir", str(idx_dir), "--max-steps", "3", *TINY, "--output-dir", str(part),
+                            "--resume", "latest"])
+
+
+@pytest.mark.parametrize("flags, difference", [
+    (["--layers-per-block", "2"], r"UNet layers_per_block: folder 1, flags 2"),
+    (["--norm-num-groups", "8"], r"UNet norm_num_groups: folder 4, flags 8"),  # same weight shapes
+    (["--block-out-channels", "8,8,16,32"],
+     r"UNet block_out_channels: folder \(8, 8, 16, 16\), flags \(8, 8, 16, 32\)"),
+    (["--num-train-timesteps", "500"], r"noise schedule num_train_timesteps: folder 1000, flags 500"),
+])
+def test_init_from_refuses_a_folder_the_flags_do_not_describe_before_reading_data(tmp_path, idx_dir, flags,
+                                                                                   difference):
+    teacher = tmp_path / "teacher"
+    train_teacher.build_unet(32, (8, 8, 16, 16), 1, norm_num_groups=4).save_pretrained(teacher / "unet")
+    train_teacher.build_scheduler().save_pretrained(teacher / "scheduler")
+    with pytest.raises(ValueError, match=difference):
+        train_teacher.main(["--data-dir", str(tmp_path / "no-data-here"), "--output-dir", str(tmp_path / "run"),
+                            "--max-steps", "1", "--init-from", str(teacher), *TINY, *flags])
+    assert not (tmp_path / "run").exists()
     with pytest.raises(FileNotFoundError, match=r"no unet/config.json"):
         train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "d"), "--max-steps", "1",
                             "--init-from", str(tmp_path), *TINY])
@@ -287,7 +319,7 @@ def test_every_optimizer_ema_and_noise_flag_reaches_what_it_configures(tmp_path,
 
     def spy(name, real):
         def wrapped(*args, **kwargs):
-            seen[name] = kwargs
+            seen[name] = {"name": args[0], **kwargs} if name == "sched" else kwargs
             return real(*args, **kwargs)
         return wrapped
 
@@ -298,46 +330,56 @@ def test_every_optimizer_ema_and_noise_flag_reaches_what_it_configures(tmp_path,
     monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_",
                         lambda self, params, max_norm, *a, **k: seen.setdefault("clip", []).append(max_norm)
                         or real_clip(self, params, max_norm, *a, **k))
-    export = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "2",
+    export = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "3",
                                  *TINY, "--lr", "3e-4", "--adam-beta1", "0.8", "--adam-beta2", "0.97",
                                  "--weight-decay", "0.02", "--max-grad-norm", "0.5", "--ema-max-decay", "0.99",
                                  "--ema-inv-gamma", "2.0", "--ema-power", "0.5", "--lr-scheduler", "constant",
-                                 "--lr-warmup-steps", "1", "--num-train-timesteps", "500"])
+                                 "--lr-warmup-steps", "2", "--num-train-timesteps", "500"])
     assert seen["adamw"] == {"lr": 3e-4, "betas": (0.8, 0.97), "weight_decay": 0.02}
     assert {k: seen["ema"][k] for k in ("decay", "use_ema_warmup", "inv_gamma", "power")} == {
         "decay": 0.99, "use_ema_warmup": True, "inv_gamma": 2.0, "power": 0.5}
-    assert seen["sched"] == {"num_warmup_steps": 1, "num_training_steps": 2}
-    assert seen["clip"] == [0.5, 0.5]  # once per optimizer step
+    assert seen["sched"] == {"name": "constant_with_warmup", "num_warmup_steps": 2, "num_training_steps": 3}
+    assert seen["clip"] == [0.5] * 3  # once per optimizer step
     from diffusers import DDPMScheduler
 
     assert DDPMScheduler.from_pretrained(export / "scheduler").config.num_train_timesteps == 500
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["lr"] for r in rows] == [3e-4, 3e-4]  # constant after one warm-up step
+    assert [r["lr"] for r in rows] == pytest.approx([1.5e-4, 3e-4, 3e-4], abs=1e-12)  # 2 warm-up steps, constant
     # EMA warm-up: decay(step) = 1 - (1 + step / inv_gamma) ** -power, capped at --ema-max-decay
-    assert [r["ema_decay"] for r in rows] == pytest.approx([0.0, 1 - (1 + 1 / 2.0) ** -0.5], abs=1e-9)
+    assert [r["ema_decay"] for r in rows] == pytest.approx([0.0] + [1 - (1 + k / 2.0) ** -0.5 for k in (1, 2)],
+                                                           abs=1e-9)
 
 
-class _Clock:
-    """train_teacher's `time` module, advancing 30 s at every call: step k ends at 60 k s of training."""
+class _StepClock:
+    """train_teacher's `time`: 60 s per optimizer step done (counted by a hook on the optimizer), however often it is
+    read, so step k ends at minute k of training."""
 
-    def __init__(self):
-        self.now = -30.0
+    def __init__(self, monkeypatch):
+        self.steps = 0
+        real = torch.optim.AdamW
+
+        def counting_adamw(*args, **kwargs):
+            optimizer = real(*args, **kwargs)
+            optimizer.register_step_post_hook(lambda *_: setattr(self, "steps", self.steps + 1))
+            return optimizer
+
+        monkeypatch.setattr(torch.optim, "AdamW", counting_adamw)
+        monkeypatch.setattr(train_teacher, "time", self)
 
     def time(self):
-        self.now += 30.0
-        return self.now
+        return 60.0 * self.steps
 
 
 def test_minute_based_checkpoints_and_stop_follow_the_training_clock(tmp_path, idx_dir, monkeypatch):
-    monkeypatch.setattr(train_teacher, "time", _Clock())
+    _StepClock(monkeypatch)
     run = tmp_path / "every"
     train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(run), "--max-steps", "6",
-                        "--checkpoint-every", "100", "--checkpoint-every-minutes", "1.5",
+                        "--checkpoint-every", "100", "--checkpoint-every-minutes", "2",
                         "--checkpoints-total-limit", "10", *TINY])
-    # checkpoint clock: step k ends at 30 (2k + 1) s; due once 90 s passed since the last one, and at the end
-    assert sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").iterdir()) == [1, 3, 5, 6]
+    # due once 2 minutes passed since the last checkpoint (steps 2 and 4), and at the end
+    assert sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").iterdir()) == [2, 4, 6]
 
-    monkeypatch.setattr(train_teacher, "time", _Clock())
+    _StepClock(monkeypatch)
     run = tmp_path / "stop"
     export = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(run), "--max-steps", "10",
                                  "--checkpoint-every", "100", "--max-minutes", "2", *TINY])

@@ -33,6 +33,7 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
@@ -154,27 +155,46 @@ def build_unet(resolution: int, block_out_channels, layers_per_block: int, chann
     )
 
 
-def load_init_unet(folder: str, resolution: int, block_out_channels, layers_per_block: int,
-                   norm_num_groups: int):
-    """The fp32 UNet of a teacher folder, refused unless it is the UNet the flags describe (so the export's README,
-    the checkpoints' facts and the student's tap table all describe the weights actually trained)."""
-    from diffusers import UNet2DModel
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
-    unet_dir = Path(folder) / "unet"
-    if not (unet_dir / "config.json").is_file():
+
+def check_init_from(folder: str, args: argparse.Namespace) -> None:
+    """Refuse --init-from `folder` unless its UNet and noise schedule are the ones the flags describe, so the
+    export's README, the checkpoints' facts and the student's tap table describe the weights actually trained.
+    Reads the configs only: called before any data or model is loaded."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    if not (Path(folder) / "unet" / "config.json").is_file():
         raise FileNotFoundError(f"--init-from {folder}: no unet/config.json there; expected a teacher folder "
                                 "written by train_teacher.py (model_index.json, unet/, scheduler/)")
-    unet = UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
-    wanted = build_unet(resolution, block_out_channels, layers_per_block, norm_num_groups=norm_num_groups).config
-    keys = ("sample_size", "in_channels", "out_channels", "layers_per_block", "block_out_channels",
-            "down_block_types", "up_block_types", "norm_num_groups")
-    differ = {k: (unet.config[k], wanted[k]) for k in keys if list(np.atleast_1d(unet.config[k]))
-              != list(np.atleast_1d(wanted[k]))}
+    pairs = [("UNet", UNet2DModel.load_config(folder, subfolder="unet"),
+              build_unet(args.resolution, args.block_out_channels, args.layers_per_block,
+                         norm_num_groups=args.norm_num_groups).config)]
+    if (Path(folder) / "scheduler").is_dir():
+        pairs.append(("noise schedule", DDPMScheduler.load_config(folder, subfolder="scheduler"),
+                      build_scheduler(args.num_train_timesteps).config))
+    differ = [f"{what} {k}: folder {_as_tuples(have[k])!r}, flags {_as_tuples(want[k])!r}"
+              for what, have, want in pairs for k in sorted(set(have) & set(want))
+              if not k.startswith("_") and _as_tuples(have[k]) != _as_tuples(want[k])]
     if differ:
-        detail = "; ".join(f"{k}: folder {a!r}, flags {b!r}" for k, (a, b) in differ.items())
-        raise ValueError(f"--init-from {folder}: its UNet is not the one the flags describe ({detail}); pass the "
-                         "folder's --resolution / --block-out-channels / --layers-per-block / --norm-num-groups")
-    return unet
+        raise ValueError(f"--init-from {folder}: it is not the teacher the flags describe ({'; '.join(differ)}); "
+                         "pass the folder's --resolution / --block-out-channels / --layers-per-block / "
+                         "--norm-num-groups / --num-train-timesteps")
+
+
+def training_cost(folder: str | os.PathLike) -> str | None:
+    """'<wall time> on <machine>' from a teacher folder's README (written by this script), its prior training first
+    ('<prior>, then <this>') for a teacher continued with --init-from; None where the folder has no such README."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return None
+    rows = dict(re.findall(r"^\| (wall time|machine|prior training) \| (.+?) \|$", readme.read_text(), flags=re.M))
+    if "wall time" not in rows:
+        return None
+    machine = rows.get("machine", "").split(",")[0].split(";")[0].strip()
+    this = f"{rows['wall time']} on {machine}" if machine else rows["wall time"]
+    return f"{rows['prior training']}, then {this}" if "prior training" in rows else this
 
 
 def build_scheduler(num_train_timesteps: int = 1000):
@@ -283,6 +303,10 @@ def _readme(args, argv, state: TrainState, final_loss: float | None, unet) -> st
     n_params = sum(p.numel() for p in unet.parameters())
     hw = args.hardware_note or f"{platform.machine()} CPU, {os.cpu_count()} cores"
     loss = f"{final_loss:.4f}" if final_loss is not None else "n/a"
+    prior = ""
+    if args.init_from:
+        cost = training_cost(args.init_from) or "unknown (the folder has no train_teacher.py README)"
+        prior = f"| prior training | {cost} |\n"
     arch = (f"attention-free, block_out_channels {list(args.block_out_channels)}, layers_per_block "
             f"{args.layers_per_block}, {n_params / 1e6:.2f} M parameters")
     return f"""# DDPM teacher ({args.resolution}x{args.resolution}, diffusers UNet2DModel)
@@ -297,7 +321,7 @@ load with `UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=tor
 | command | `{cmd}` |
 | UNet | {arch} |
 | initialized from | {args.init_from or 'random weights'} |
-| noise schedule | DDPM linear betas, {args.num_train_timesteps} steps, epsilon prediction, MSE |
+{prior}| noise schedule | DDPM linear betas, {args.num_train_timesteps} steps, epsilon prediction, MSE |
 | optimizer steps | {state.step} |
 | batch size (global) | {args.batch_size * args.gradient_accumulation_steps} x {_world_size()} process(es) |
 | images seen | {state.images_seen} |
@@ -336,6 +360,8 @@ def main(argv: list[str] | None = None) -> Path:
     # checked now, not after hours of training: the export replaces its folder whole
     refuse_foreign_folder(export_dir, TEACHER_EXPORT_FILES, "a previous teacher export (train_teacher.py)")
     resume_path = find_resume_checkpoint(args.resume, output_dir)
+    if args.init_from and resume_path is None:  # a resume takes its weights from the checkpoint instead
+        check_init_from(args.init_from, args)
     if resume_path is None:
         refuse_fresh_run_over_checkpoints(output_dir)
     project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
@@ -363,9 +389,8 @@ def main(argv: list[str] | None = None) -> Path:
     loader = data.build_dataloader(train_ds, args.batch_size, shuffle=True, seed=args.seed,
                                    num_workers=args.num_workers, drop_last=True)
 
-    if args.init_from:  # a --resume below still wins: the checkpoint's weights replace these
-        unet = load_init_unet(args.init_from, args.resolution, args.block_out_channels, args.layers_per_block,
-                              args.norm_num_groups)
+    if args.init_from and resume_path is None:  # a resume loads the checkpoint's weights instead
+        unet = UNet2DModel.from_pretrained(args.init_from, subfolder="unet", torch_dtype=torch.float32)
         logger.info("UNet initialized from %s", args.init_from)
     else:
         unet = build_unet(args.resolution, args.block_out_channels, args.layers_per_block,
@@ -387,7 +412,8 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.register_for_checkpointing(ema, lr_scheduler, state)
     facts = {"data": str(args.data_dir or args.dataset or recipe.data.name), "split": args.split,
              "images": len(train_ds), "batch_per_device": args.batch_size, "processes": accelerator.num_processes,
-             "accumulation": args.gradient_accumulation_steps, "resolution": args.resolution, "seed": args.seed}
+             "accumulation": args.gradient_accumulation_steps, "resolution": args.resolution, "seed": args.seed,
+             "init_from": args.init_from}
 
     if resume_path is not None:
         check_resume_facts(resume_path, facts, args.allow_resume_mismatch)
