@@ -114,7 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp16-export", action="store_true", help="cast the exported UNet weights to fp16")
     p.add_argument("--init-from", default=None,
                    help="start from the UNet of this teacher folder (a train_teacher.py export) instead of random "
-                        "weights: fresh optimizer, lr schedule and EMA; its architecture must match the flags")
+                        "weights: fresh optimizer, lr schedule and EMA; its UNet and noise schedule must match the "
+                        "flags")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--allow-resume-mismatch", action="store_true",
                    help="resume even when the data, batch, process layout or seed differ from the checkpoint's")
