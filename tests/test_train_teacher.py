@@ -387,3 +387,28 @@ def test_minute_based_checkpoints_and_stop_follow_the_training_clock(tmp_path, i
     assert [r["step"] for r in rows] == [1, 2]  # stopped when 2 minutes were reached, not after
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2"]
     assert "| optimizer steps | 2 |" in (export / "README.md").read_text()
+
+
+def test_training_cost_reads_wall_time_machine_and_prior_training_from_a_teacher_readme(tmp_path):
+    assert train_teacher.training_cost(tmp_path) is None  # no README
+    (tmp_path / "README.md").write_text("| machine | 1x H200, 16 cores |\n")
+    assert train_teacher.training_cost(tmp_path) is None  # no wall time row
+    (tmp_path / "README.md").write_text("| wall time | 7.0 min |\n")
+    assert train_teacher.training_cost(tmp_path) == "7.0 min"
+    (tmp_path / "README.md").write_text("| wall time | 7.0 min |\n| machine | 1x H200 (143 GB), 16 CPU cores |\n")
+    assert train_teacher.training_cost(tmp_path) == "7.0 min on 1x H200 (143 GB)"
+    (tmp_path / "README.md").write_text("x | wall time | 1 min |\n| prior training | 7.0 min on 1x H200 |\n"
+                                        "| wall time | 95.0 min |\n"
+                                        "| machine | 2-core Xeon; torch 2.14.1, 2 threads |\n")
+    assert train_teacher.training_cost(tmp_path) == "7.0 min on 1x H200, then 95.0 min on 2-core Xeon"
+
+
+def test_init_from_accepts_a_folder_saved_by_another_diffusers_version(tmp_path, idx_dir):
+    teacher = tmp_path / "teacher"
+    train_teacher.build_unet(32, (8, 8, 16, 16), 1, norm_num_groups=4).save_pretrained(teacher / "unet")
+    config = json.loads((teacher / "unet" / "config.json").read_text())
+    config["_diffusers_version"] = "0.1.0"  # bookkeeping keys are not the architecture
+    del config["num_class_embeds"]  # a key an older version did not write: nothing to compare it with
+    (teacher / "unet" / "config.json").write_text(json.dumps(config))
+    args = train_teacher.parse_args(["--init-from", str(teacher), *TINY])
+    train_teacher.check_init_from(str(teacher), args)  # no error
