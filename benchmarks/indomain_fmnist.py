@@ -461,6 +461,11 @@ def write_report(report: dict[str, Any], out_dir: Path, tag: str) -> tuple[Path,
     return md, js
 
 
+def setting_differences(then: dict[str, Any], now: dict[str, Any], keys) -> list[str]:
+    """'key: <then> then, <now> now' for each of `keys` whose value differs between two runs' settings."""
+    return [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in keys if then.get(k) != now.get(k)]
+
+
 def calibration_from(path: Path, settings: dict[str, Any], methods: set[str]) -> dict[str, Any]:
     """The step counts the earlier run at `path` calibrated for `methods`, each marked with where it came from;
     refused when that run had another budget, batch, pretraining set, threads or device (its steps would not be
@@ -469,9 +474,8 @@ def calibration_from(path: Path, settings: dict[str, Any], methods: set[str]) ->
         tags = sorted(p.stem for p in path.parent.glob("*.json"))
         raise SystemExit(f"--steps-from: no {path}; the tags there: {', '.join(tags) or 'none'}")
     old = json.loads(path.read_text())
-    diffs = [f"{k}: {old['settings'].get(k)!r} then, {settings.get(k)!r} now"
-             for k in ("budget_minutes", "batch_size", "pretrain_images", "threads", "device")
-             if old["settings"].get(k) != settings.get(k)]
+    diffs = setting_differences(old["settings"], settings,
+                                ("budget_minutes", "batch_size", "pretrain_images", "threads", "device"))
     if diffs:
         raise SystemExit(f"--steps-from: {path} was run with another budget ({'; '.join(diffs)})")
     return {method: {**calib, "steps_from": str(path)} for method, calib in old.get("calibration", {}).items()
@@ -482,8 +486,7 @@ def resumed_report(report: dict[str, Any], path: Path) -> dict[str, Any]:
     """`report` with the finished entries and calibration of the earlier run at `path`; refuses other settings."""
     old = json.loads(path.read_text())
     new_settings = json.loads(json.dumps(report["settings"], default=str))
-    diffs = [f"{k}: {old['settings'].get(k)!r} then, {new_settings.get(k)!r} now" for k in RESUME_SETTINGS
-             if old["settings"].get(k) != new_settings.get(k)]
+    diffs = setting_differences(old["settings"], new_settings, RESUME_SETTINGS)
     if diffs:
         raise SystemExit(f"--resume: {path} was run with other settings ({'; '.join(diffs)}); "
                          "use another --tag or the same settings")
