@@ -397,6 +397,9 @@ def test_training_cost_reads_wall_time_machine_and_prior_training_from_a_teacher
     assert train_teacher.training_cost(tmp_path) == "7.0 min"
     (tmp_path / "README.md").write_text("| wall time | 7.0 min |\n| machine | 1x H200 (143 GB), 16 CPU cores |\n")
     assert train_teacher.training_cost(tmp_path) == "7.0 min on 1x H200 (143 GB)"
+    (tmp_path / "README.md").write_text("| wall time | 5.1 min |\n| machine | 1x H200 (device, shared by runs A, B; "
+                                        "bf16), 16 cores; torch 2.11 |\n")
+    assert train_teacher.training_cost(tmp_path) == "5.1 min on 1x H200 (device, shared by runs A, B; bf16)"
     (tmp_path / "README.md").write_text("x | wall time | 1 min |\n| prior training | 7.0 min on 1x H200 |\n"
                                         "| wall time | 95.0 min |\n"
                                         "| machine | 2-core Xeon; torch 2.14.1, 2 threads |\n")

@@ -193,7 +193,7 @@ def training_cost(folder: str | os.PathLike) -> str | None:
     rows = dict(re.findall(r"^\| (wall time|machine|prior training) \| (.+?) \|$", readme.read_text(), flags=re.M))
     if "wall time" not in rows:
         return None
-    machine = rows.get("machine", "").split(",")[0].split(";")[0].strip()
+    machine = _first_clause(rows.get("machine", ""))
     this = f"{rows['wall time']} on {machine}" if machine else rows["wall time"]
     return f"{rows['prior training']}, then {this}" if "prior training" in rows else this
 
@@ -296,6 +296,17 @@ def export_teacher(unet, ema, noise_scheduler, export_dir: Path, fp16: bool, gri
     give_files_umask_modes(tmp)
     replace_dir(tmp, export_dir)
     return export_dir
+
+
+def _first_clause(text: str) -> str:
+    """`text` up to its first ',' or ';' outside parentheses: '1x H200 (device machine, shared), 16 cores' keeps its
+    parenthesis whole."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0 and ch in ",;":
+            return text[:i].strip()
+    return text.strip()
 
 
 def _readme(args, argv, state: TrainState, final_loss: float | None, unet) -> str:
