@@ -415,3 +415,37 @@ def test_init_from_accepts_a_folder_saved_by_another_diffusers_version(tmp_path,
     (teacher / "unet" / "config.json").write_text(json.dumps(config))
     args = train_teacher.parse_args(["--init-from", str(teacher), *TINY])
     train_teacher.check_init_from(str(teacher), args)  # no error
+
+
+def test_each_step_draws_fresh_seeded_noise_and_timesteps_and_logs_every_n_steps(tmp_path, idx_dir, monkeypatch):
+    drawn = []
+    real_loss = train_teacher.denoising_loss
+
+    def spy(unet, scheduler, clean, noise, t):
+        drawn.append((noise.clone(), t.clone()))
+        return real_loss(unet, scheduler, clean, noise, t)
+
+    monkeypatch.setattr(train_teacher, "denoising_loss", spy)
+
+    def run(name, seed):
+        drawn.clear()
+        train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / name), "--max-steps", "5",
+                            "--checkpoint-every", "100", *TINY, "--seed", seed, "--log-every", "2"])
+        return list(drawn)
+
+    first = run("a", "3")
+    assert len(first) == 5
+    for i in range(5):  # a new draw every step: the same noise or timesteps reused would train on 1 sample of each
+        for j in range(i):
+            assert not torch.equal(first[i][0], first[j][0]) and not torch.equal(first[i][1], first[j][1])
+    assert all(((t >= 0) & (t < 1000)).all() for _, t in first)
+    again = run("b", "3")  # seeded: a rerun draws the same
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(first, again, strict=True))
+    other = run("c", "4")
+    assert not torch.equal(first[0][0], other[0][0])
+
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 5]  # every 2nd step, and the last
+    readme = (tmp_path / "a" / "export" / "README.md").read_text()
+    assert "| images seen | 40 |" in readme and "| batch size (global) | 8 x 1 process(es) |" in readme
+    assert "| initialized from | random weights |" in readme and "prior training" not in readme
