@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # How the teacher's second stage and its width were chosen: three Fashion-MNIST teachers trained side by side on one
-# GPU (it ran on an H200 as: TRAIN_S=400 CAL_STEPS=150 BATCH=512 W=4 bash scripts/fmnist_teacher_gpu_sweep.sh),
+# GPU (it ran on an H200 as: TRAIN_S=400 CAL_STEPS=150 BATCH=512 W=4 bash scripts/fmnist_teacher_gpu_sweep.sh, with
+# INIT the stage-1 teacher, then committed as teachers/ddpm-fashion-mnist-32, and DATA a copy of the train IDX files),
 # each with a cosine lr that reaches 0 inside TRAIN_S seconds: a short calibration run measures each variant's step
 # rate (all three at once, as in the real run), then the real run gets --max-steps = rate x TRAIN_S x 0.9 (and
 # --max-minutes as a hard cap).
