@@ -449,3 +449,44 @@ def test_each_step_draws_fresh_seeded_noise_and_timesteps_and_logs_every_n_steps
     readme = (tmp_path / "a" / "export" / "README.md").read_text()
     assert "| images seen | 40 |" in readme and "| batch size (global) | 8 x 1 process(es) |" in readme
     assert "| initialized from | random weights |" in readme and "prior training" not in readme
+
+
+def test_sample_grid_places_each_image_row_major_and_scales_it(tmp_path):
+    from PIL import Image
+
+    images = (np.arange(1, 6, dtype=np.uint8) * 40)[:, None, None, None] * np.ones((5, 2, 3, 1), np.uint8)
+    train_teacher.save_grid(images, tmp_path / "g" / "grid.png", scale=2)
+    small = np.zeros((2 * 2, 3 * 3), np.uint8)  # 5 images -> 3 columns, 2 rows; the 6th slot stays black
+    for i in range(5):
+        r, q = divmod(i, 3)
+        small[r * 2:(r + 1) * 2, q * 3:(q + 1) * 3] = 40 * (i + 1)
+    grid = np.array(Image.open(tmp_path / "g" / "grid.png"))
+    assert np.array_equal(grid, np.kron(small, np.ones((2, 2), np.uint8)))
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["grid.png"]  # no temp file left
+    rgb = np.repeat(images, 3, axis=-1)
+    train_teacher.save_grid(rgb, tmp_path / "rgb.png", scale=1)
+    assert np.array_equal(np.array(Image.open(tmp_path / "rgb.png")), np.repeat(small[..., None], 3, axis=-1))
+
+
+def test_samples_are_seeded_uint8_images_and_leave_the_unets_mode_as_it_was():
+    unet = train_teacher.build_unet(32, (8, 8, 16, 16), 1, norm_num_groups=4)
+    scheduler = train_teacher.build_scheduler()
+    unet.train()
+    a = train_teacher.sample_images(unet, scheduler, 2, 2, seed=0)
+    assert unet.training and a.dtype == np.uint8 and a.shape == (2, 32, 32, 3)
+    assert np.array_equal(a, train_teacher.sample_images(unet, scheduler, 2, 2, seed=0))
+    assert not np.array_equal(a, train_teacher.sample_images(unet, scheduler, 2, 2, seed=1))
+    unet.eval()
+    train_teacher.sample_images(unet, scheduler, 1, 1, seed=0)
+    assert not unet.training
+
+
+def test_sample_every_writes_grids_between_checkpoints(tmp_path, idx_dir):
+    out = tmp_path / "run"
+    train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(out), "--max-steps", "5",
+                        "--checkpoint-every", "100", "--sample-every", "2", *TINY])
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "latest.png", "step_0000002.png", "step_0000004.png", "step_0000005.png"]
+    assert (out / "samples" / "latest.png").read_bytes() == (out / "samples" / "step_0000005.png").read_bytes()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_5"]  # only the final one
+    assert (out / "export" / "samples.png").read_bytes() == (out / "samples" / "step_0000005.png").read_bytes()
