@@ -272,6 +272,7 @@ def test_init_from_starts_from_a_teacher_folders_weights_and_a_resume_from_its_c
     readme = (second / "README.md").read_text()
     assert f"| initialized from | {first} |" in readme and f"| prior training | {first_cost} |" in readme
     assert train_teacher.training_cost(second).startswith(f"{first_cost}, then ")
+    assert "_name_or_path" not in json.loads((second / "unet" / "config.json").read_text())  # no local path
 
     # a resume takes the checkpoint's weights: the init folder is not read again (here it is gone)
     common = ["--data-dir", str(idx_dir), "--max-steps", "2", "--checkpoint-every", "1", "--init-from", str(first),

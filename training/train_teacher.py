@@ -284,7 +284,8 @@ def export_teacher(unet, ema, noise_scheduler, export_dir: Path, fp16: bool, gri
 
     export_dir = Path(export_dir)
     refuse_foreign_folder(export_dir, TEACHER_EXPORT_FILES, "a previous teacher export (train_teacher.py)")
-    model = UNet2DModel.from_config(unet.config)
+    # from_pretrained (--init-from) records the folder it read as `_name_or_path`: a local path, not for an export
+    model = UNet2DModel.from_config({k: v for k, v in unet.config.items() if k != "_name_or_path"})
     ema.copy_to(model.parameters())
     if fp16:
         model = model.to(torch.float16)
