@@ -184,6 +184,17 @@ def check_init_from(folder: str, args: argparse.Namespace) -> None:
                          "--norm-num-groups / --num-train-timesteps")
 
 
+def _first_clause(text: str) -> str:
+    """`text` up to its first ',' or ';' outside parentheses: '1x H200 (device machine, shared), 16 cores' keeps its
+    parenthesis whole."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0 and ch in ",;":
+            return text[:i].strip()
+    return text.strip()
+
+
 def training_cost(folder: str | os.PathLike) -> str | None:
     """'<wall time> on <machine>' from a teacher folder's README (written by this script), its prior training first
     ('<prior>, then <this>') for a teacher continued with --init-from; None where the folder has no such README."""
@@ -297,17 +308,6 @@ def export_teacher(unet, ema, noise_scheduler, export_dir: Path, fp16: bool, gri
     give_files_umask_modes(tmp)
     replace_dir(tmp, export_dir)
     return export_dir
-
-
-def _first_clause(text: str) -> str:
-    """`text` up to its first ',' or ';' outside parentheses: '1x H200 (device machine, shared), 16 cores' keeps its
-    parenthesis whole."""
-    depth = 0
-    for i, ch in enumerate(text):
-        depth += {"(": 1, ")": -1}.get(ch, 0)
-        if depth == 0 and ch in ",;":
-            return text[:i].strip()
-    return text.strip()
 
 
 def _readme(args, argv, state: TrainState, final_loss: float | None, unet) -> str:
