@@ -9,6 +9,8 @@ argparse prints (a help, description, epilog, metavar or formatter_class argumen
 
     python benchmarks/mutation_score.py                      # every module below
     python benchmarks/mutation_score.py training/losses.py   # one module
+    python benchmarks/mutation_score.py training/pretrain.py --scratch /tmp/mut-pretrain   # resumable: rerun it
+                                                             # after a stop and mutmut goes on where it was
 
 Needs `pip install -e .[dev]` (mutmut). Not part of CI: slow, and its mutant names move when the code changes.
 """
@@ -152,9 +154,15 @@ def changes_cli_text_only(root: Path, name: str) -> bool:
         _code_without_cli_text(functions[function]) == _code_without_cli_text(original)
 
 
-def scratch_copy(module: str, tests: list[str]) -> Path:
-    """The repository's tracked and untracked (not ignored) files, with mutmut told to mutate `module` only."""
-    root = Path(tempfile.mkdtemp(prefix="dreamteacher-mutation-"))
+def scratch_copy(module: str, tests: list[str], root: Path | None = None) -> Path:
+    """The repository's tracked and untracked (not ignored) files, with mutmut told to mutate `module` only, in
+    `root` (default: a new temporary folder). A `root` that already holds a copy is kept as it is, results and
+    all, so that mutmut resumes the run it holds."""
+    if root is not None and (root / "pyproject.toml").is_file():
+        print(f"resuming the mutation run in {root} (its copy of the code is kept, not refreshed)", flush=True)
+        return root
+    if root is None:
+        root = Path(tempfile.mkdtemp(prefix="dreamteacher-mutation-"))
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
                            check=True).stdout.decode().split("\0")
     for name in filter(None, files):
@@ -173,15 +181,16 @@ def scratch_copy(module: str, tests: list[str]) -> Path:
     return root
 
 
-def run_module(module: str, tests: list[str], children: int) -> dict:
-    root = scratch_copy(module, tests)
+def run_module(module: str, tests: list[str], children: int, scratch: Path | None = None) -> dict:
+    root = scratch_copy(module, tests, scratch)
     start = time.time()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=root,
-                         env=env, capture_output=True, text=True, check=False)
+    log = root / "mutmut-run.log"  # its progress, to follow a long run with `tail -f`
+    with log.open("a") as out:
+        run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=root,
+                             env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
     if run.returncode != 0:  # e.g. the unmutated tests fail: no score means anything
-        raise SystemExit(f"mutmut run failed for {module} (scratch copy {root}):\n{run.stdout[-2000:]}"
-                         f"{run.stderr[-2000:]}")
+        raise SystemExit(f"mutmut run failed for {module} (scratch copy {root}):\n{log.read_text()[-4000:]}")
     results = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=root, env=env,
                              capture_output=True, text=True, check=True).stdout
     status = dict(re.findall(r"^\s*(\S+): (.+)$", results, flags=re.M))
@@ -192,7 +201,7 @@ def run_module(module: str, tests: list[str], children: int) -> dict:
     equivalent = [n for n in survivors if n in EQUIVALENT or n in cli_text]
     real = [n for n in survivors if n not in equivalent]
     score = 100.0 * killed / max(1, killed + len(real))
-    if not real:
+    if not real and scratch is None:
         shutil.rmtree(root, ignore_errors=True)  # nothing to inspect there
     return dict(module=module, mutants=len(status), killed=killed, survived=len(real), equivalent=len(equivalent),
                 cli_text=len(cli_text),
@@ -204,11 +213,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", help=f"modules to mutate (default: all of {', '.join(MODULES)})")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 1, help="mutants tested in parallel")
+    parser.add_argument("--scratch", type=Path, help="with one module: run in this folder, and if it already holds "
+                        "a run, resume it (default: a new temporary folder)")
     args = parser.parse_args(argv)
+    if args.scratch is not None and len(args.modules) != 1:
+        parser.error(f"--scratch {args.scratch} needs exactly one module, got {len(args.modules)}")
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; allowed: {', '.join(MODULES)}")
-    rows = [run_module(m, MODULES[m] + [a for t in SCRIPT_TESTS.get(m, []) for a in ("--deselect", t)], args.children)
+    rows = [run_module(m, MODULES[m] + [a for t in SCRIPT_TESTS.get(m, []) for a in ("--deselect", t)], args.children,
+                       args.scratch)
             for m in (args.modules or MODULES)]
     print("| module | mutants | killed | survived | equivalent (of which --help text) | score | seconds |")
     print("|---|---|---|---|---|---|---|")
