@@ -712,3 +712,71 @@ def test_an_adm_checkpoint_gets_the_noise_schedule_it_was_trained_with(preset, s
     assert unet == "unet" and converted == {"sd": {"read": "/ckpt.pt"}, "flags": adm.PRESETS[preset]}
     assert scheduler.config.beta_schedule == schedule and scheduler.config.num_train_timesteps == 1000
     assert blocks == T.adm_output_block_names(adm.PRESETS[preset])
+
+
+def test_every_constructor_and_input_error_names_the_bad_value(unet_dir, tmp_path):
+    unet = UNet2DModel.from_pretrained(unet_dir / "unet")
+    scheduler = DDPMScheduler.from_pretrained(unet_dir / "scheduler")
+
+    def frozen(**kw):
+        return T.FrozenTeacher(unet, scheduler, kw.pop("timestep", 50), kw.pop("mean", MEAN), kw.pop("std", STD), **kw)
+
+    with pytest.raises(ValueError, match=r"^unknown teacher encoding 'ddpm'; choose 'noise' \(the paper's\) or "
+                                         r"'ddim'$"):
+        frozen(encoding="ddpm")
+    with pytest.raises(ValueError, match=r"^teacher dtype must be float32, bfloat16 or float16 \(autocast\), got "
+                                         r"torch\.float64$"):
+        frozen(dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^mean \(0\.5, 0\.5\) and std \(0\.5,\) must have the same length$"):
+        frozen(mean=(0.5, 0.5), std=(0.5,))
+    with pytest.raises(ValueError, match=r"^teacher timestep -1 is outside the scheduler's range \[0, 499\]$"):
+        frozen(timestep=-1)
+    assert frozen(timestep=0).timestep == 0 and frozen(timestep=499).timestep == 499  # both ends are allowed
+    # ADM's block number and the module path it stands for are the same tap
+    with pytest.raises(ValueError, match=r"^teacher taps \['output_blocks\.3', 'up_blocks\.1\.resnets\.1'\] name the "
+                                         r"same module twice \(resolved: \['up_blocks\.1\.resnets\.1', "
+                                         r"'up_blocks\.1\.resnets\.1'\]\)$"):
+        frozen(taps=("output_blocks.3", "up_blocks.1.resnets.1"))
+    # ResnetBlock2D applies its one SiLU module twice
+    with pytest.raises(ValueError, match=r"^teacher tap 'up_blocks\.0\.resnets\.0\.nonlinearity' runs more than once "
+                                         r"per UNet forward; pick another module$"):
+        frozen(taps=("up_blocks.0.resnets.0.nonlinearity",))
+    unet.unused = nn.Conv2d(3, 3, 1)  # a module the forward never calls
+    try:
+        with pytest.raises(ValueError, match=r"^teacher taps \['unused'\] never run in this UNet's forward$"):
+            frozen(taps=("unused", "up_blocks.1.resnets.1"))
+    finally:
+        del unet.unused
+
+    teacher = frozen()
+    with pytest.raises(ValueError, match=r"^teacher expects images \(B, C, H, W\), got shape \(3, 32, 32\)$"):
+        teacher(torch.zeros(3, 32, 32))
+    with pytest.raises(ValueError, match=r"^teacher got 2-channel images, but its normalisation \(mean, std\) has 3 "
+                                         r"channels$"):
+        teacher(torch.zeros(1, 2, 32, 32))
+    one_mean = frozen(mean=(0.5,), std=(0.5,))
+    with pytest.raises(ValueError, match=r"^teacher takes 3-channel images, got 2 channels$"):
+        one_mean.to_model_range(torch.zeros(1, 2, 4, 4))
+    gray = one_mean.to_model_range(torch.full((1, 1, 4, 4), 0.5))  # gray, repeated to RGB: 2 * (0.5 * 0.5 + 0.5) - 1
+    torch.testing.assert_close(gray, torch.full((1, 3, 4, 4), 0.5), rtol=0, atol=0)
+
+    not_a_folder = tmp_path / "unet.safetensors"
+    not_a_folder.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=rf"^teacher source '{re.escape(str(not_a_folder))}' \(unet\): "
+                                                rf"{re.escape(str(not_a_folder))} is a file, not a diffusers folder\. "
+                                                r"To get one: "):
+        T.build_teacher(_config(not_a_folder), MEAN, STD)
+    bad_kind = _config(unet_dir)
+    object.__setattr__(bad_kind, "kind", "gan")  # past the recipe's own check, as a hand-built config could be
+    with pytest.raises(ValueError, match=r"^unknown teacher kind 'gan'; choose one of 'unet', 'adm', 'latent'$"):
+        T.build_teacher(bad_kind, MEAN, STD)
+
+
+def test_first_tensor_reads_a_tensor_a_tuple_or_a_sample_and_names_anything_else():
+    x, y = torch.zeros(1), torch.ones(1)
+    assert T._first_tensor(x) is x
+    assert T._first_tensor((x, y)) is x and T._first_tensor([y, x]) is y
+    assert T._first_tensor(type("Output", (), {"sample": y})()) is y
+    for bad, name in (((), "tuple"), ([None, x], "list"), ({"sample": x}, "dict"), (None, "NoneType")):
+        with pytest.raises(TypeError, match=rf"^cannot read a feature map from a module output of type {name}$"):
+            T._first_tensor(bad)

@@ -444,6 +444,9 @@ class FrozenTeacher:
 
     def to_model_range(self, images: Tensor) -> Tensor:
         """Student normalisation -> [-1, 1], with the channel count the UNet (or VAE) takes."""
+        if self.mean.shape[1] not in (1, images.shape[1]):
+            raise ValueError(f"teacher got {images.shape[1]}-channel images, but its normalisation (mean, std) has "
+                             f"{self.mean.shape[1]} channels")
         x = 2 * (images * self.std + self.mean) - 1
         c = x.shape[1]
         if c == self.in_channels:
