@@ -780,3 +780,17 @@ def test_first_tensor_reads_a_tensor_a_tuple_or_a_sample_and_names_anything_else
     for bad, name in (((), "tuple"), ([None, x], "list"), ({"sample": x}, "dict"), (None, "NoneType")):
         with pytest.raises(TypeError, match=rf"^cannot read a feature map from a module output of type {name}$"):
             T._first_tensor(bad)
+
+
+@pytest.mark.parametrize("encoding, resolution", [("noise", None), ("ddim", None), ("noise", 64)])
+def test_every_tensor_the_teacher_makes_lives_on_its_device(unet_dir, latent_dir, encoding, resolution):
+    """A teacher on the meta device (shapes only, no memory): a noise draw, timestep or normalisation left on the
+    CPU, where the test machine cannot tell it from the GPU, makes the forward fail."""
+    config = _config(unet_dir, encoding=encoding, resolution=resolution)
+    teacher = T.build_teacher(config, MEAN, STD, device="meta", ddim_steps=2)
+    out = teacher(_images()[1], generator=torch.Generator().manual_seed(0))
+    assert {s: (f.device.type, f.dtype, tuple(f.shape)) for s, f in out.items()} == {
+        t.stride: ("meta", torch.float32, (2, t.channels, 32 // t.stride, 32 // t.stride)) for t in teacher.taps}
+    latent = T.build_teacher(dataclasses.replace(_config(latent_dir, kind="latent"), encoding=encoding), MEAN, STD,
+                             device="meta", ddim_steps=2)
+    assert {f.device.type for f in latent(_images(size=64)[1]).values()} == {"meta"}
