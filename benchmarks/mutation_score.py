@@ -48,6 +48,9 @@ MODULES = {
 # tests that run a module as a script in a subprocess: mutmut's mutated copy cannot run outside mutmut
 SCRIPT_TESTS = {
     "training/train_teacher.py": ["tests/test_train_teacher.py::test_script_entry_point_imports_from_any_cwd"],
+    "training/pretrain.py": [f"tests/test_pretrain.py::{t}" for t in (
+        "test_documented_accelerate_launch_command_runs", "test_process_layouts_1x1_1x2_2x1_train_the_same_steps",
+        "test_command_line_user_errors_are_one_line_with_status_2")],
 }
 
 # Mutants judged equivalent (no input the code can receive tells them apart), by name, with the reason.
