@@ -187,7 +187,9 @@ def scratch_copy(module: str, tests: list[str], root: Path | None = None) -> Pat
 def run_module(module: str, tests: list[str], children: int, scratch: Path | None = None) -> dict:
     root = scratch_copy(module, tests, scratch)
     start = time.time()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # One thread: mutmut forks each mutant's child from the process where its stats and clean runs ran the tests,
+    # and a torch thread pool started there deadlocks the forked child's first parallel op.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     log = root / "mutmut-run.log"  # its progress, to follow a long run with `tail -f`
     with log.open("a") as out:
         run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=root,

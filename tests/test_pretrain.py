@@ -216,6 +216,9 @@ def test_no_argument_default_uses_the_fmnist_recipe_and_the_committed_teacher(tm
 
     monkeypatch.setattr(training.data, "DEBIAN_FASHION_MNIST_DIR", write_fashion_mnist(tmp_path / "debian", n=32))
     monkeypatch.chdir(tmp_path)  # the recipe's relative teacher folder is found in the repo from anywhere
+    # One thread, as in every in-process test (the every-core default is checked by the accelerate launch test): a
+    # thread pool started here outlives the test, and a process forked after it (mutmut's) deadlocks in its first op.
+    monkeypatch.setattr(pretrain, "cpu_threads_per_process", lambda: 1)
     out = pretrain.main(["--max-steps", "2", "--batch-size", "16", "--num-workers", "0"])  # only shorter, smaller
     assert out == Path("runs/resnet18.dreamteacher_fmnist")
     recipe = json.loads((out / "recipe.json").read_text())
