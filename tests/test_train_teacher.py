@@ -32,6 +32,12 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(True)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    """Runs default to every core; tests keep conftest's one thread (see test_cpu_runs_default_to_every_core)."""
+    monkeypatch.setattr(train_teacher, "cpu_threads_per_process", lambda: 1)
+
+
 @pytest.fixture(scope="module")
 def idx_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("fmnist")
@@ -491,3 +497,14 @@ def test_sample_every_writes_grids_between_checkpoints(tmp_path, idx_dir):
     assert (out / "samples" / "latest.png").read_bytes() == (out / "samples" / "step_0000005.png").read_bytes()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_5"]  # only the final one
     assert (out / "export" / "samples.png").read_bytes() == (out / "samples" / "step_0000005.png").read_bytes()
+
+
+@pytest.mark.parametrize("flag, expected", [([], 5), (["--threads", "3"], 3)])
+def test_cpu_runs_default_to_every_core(tmp_path, idx_dir, monkeypatch, flag, expected):
+    """`accelerate launch` sets OMP_NUM_THREADS=1 on a CPU machine; the trainer takes every core unless told."""
+    calls = []
+    monkeypatch.setattr(train_teacher, "cpu_threads_per_process", lambda: 5)  # this machine's cores, as the trainer
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)  # recorded, not applied: tests stay on one thread
+    train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
+                        *TINY, *flag])
+    assert calls == [expected]

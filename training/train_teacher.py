@@ -44,6 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from dreamteacher_models.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
 from training import data  # noqa: E402
+from training.hardware import cpu_threads_per_process  # noqa: E402
 from training.run_layout import (  # noqa: E402
     append_metrics,
     check_resume_facts,
@@ -120,7 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-resume-mismatch", action="store_true",
                    help="resume even when the data, batch, process layout or seed differ from the checkpoint's")
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process on CPU (default: every core of the machine shared among the "
+                        "local processes; `accelerate launch` would otherwise leave one thread on a CPU machine)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--hardware-note", default=None, help="machine description written into the export README")
     p.add_argument("--log-every", type=int, default=10)
@@ -355,8 +358,6 @@ def _world_size() -> int:
 def main(argv: list[str] | None = None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -385,6 +386,8 @@ def main(argv: list[str] | None = None) -> Path:
         project_config=project_config,
     )
     set_seed(args.seed)
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(args.threads or cpu_threads_per_process())
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_leftovers(output_dir)
