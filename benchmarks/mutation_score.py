@@ -184,6 +184,30 @@ def scratch_copy(module: str, tests: list[str], root: Path | None = None) -> Pat
     return root
 
 
+def first_pass_patterns(root: Path, module: str) -> list[str]:
+    """mutmut name patterns for the functions of a one-file `module` that pass no argparse text (help, metavar, ...).
+
+    The first `mutmut run` takes only these: it still generates every mutant of the module, so the mutants of the
+    command-line builders can then be sorted by `changes_cli_text_only` and only the others run. Run as they are,
+    each help-text mutant survives, and a survivor runs every test that parses arguments (about half an hour of the
+    pretrain.py run). [] for a package: its first run takes everything."""
+    if not module.endswith(".py"):
+        return []
+    dotted = module.removesuffix(".py").replace("/", ".")
+
+    def passes_cli_text(function: ast.AST) -> bool:
+        return any(isinstance(n, ast.Call) and any(k.arg in CLI_TEXT_KEYWORDS for k in n.keywords)
+                   for n in ast.walk(function))
+
+    patterns = []
+    for node in ast.parse((root / module).read_text()).body:
+        functions = [(f"x_{node.name}", node)] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else \
+            [(f"xǁ{node.name}ǁ{f.name}", f) for f in node.body
+             if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))] if isinstance(node, ast.ClassDef) else []
+        patterns += [f"{dotted}.{name}__mutmut_*" for name, f in functions if not passes_cli_text(f)]
+    return patterns
+
+
 def run_module(module: str, tests: list[str], children: int, scratch: Path | None = None) -> dict:
     root = scratch_copy(module, tests, scratch)
     start = time.time()
@@ -191,27 +215,43 @@ def run_module(module: str, tests: list[str], children: int, scratch: Path | Non
     # and a torch thread pool started there deadlocks the forked child's first parallel op.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     log = root / "mutmut-run.log"  # its progress, to follow a long run with `tail -f`
-    with log.open("a") as out:
-        run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=root,
-                             env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
-    if run.returncode != 0:  # e.g. the unmutated tests fail: no score means anything
-        raise SystemExit(f"mutmut run failed for {module} (scratch copy {root}):\n{log.read_text()[-4000:]}")
-    results = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=root, env=env,
-                             capture_output=True, text=True, check=True).stdout
-    status = dict(re.findall(r"^\s*(\S+): (.+)$", results, flags=re.M))
+
+    def mutmut_run(*names: str) -> None:
+        with log.open("a") as out:
+            run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names],
+                                 cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+        if run.returncode != 0:  # e.g. the unmutated tests fail: no score means anything
+            raise SystemExit(f"mutmut run failed for {module} (scratch copy {root}):\n{log.read_text()[-4000:]}")
+
+    def statuses() -> dict[str, str]:
+        results = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=root, env=env,
+                                 capture_output=True, text=True, check=True).stdout
+        return dict(re.findall(r"^\s*(\S+): (.+)$", results, flags=re.M))
+
+    if not (root / "mutants").is_dir():
+        mutmut_run(*first_pass_patterns(root, module))
+    # what is left (all of a resumed run's unfinished mutants), less those that change only argparse's text
+    pending = [n for n, s in statuses().items() if s == "not checked" and not changes_cli_text_only(root, n)]
+    if pending:
+        mutmut_run(*pending)
+    status = statuses()
     killed = sum(s in ("killed", "timeout") for s in status.values())
-    survivors = [n for n, s in status.items() if s in ("survived", "no tests")]
-    other = sorted({s for s in status.values()} - {"killed", "timeout", "survived", "no tests"})
-    cli_text = [n for n in survivors if n not in EQUIVALENT and changes_cli_text_only(root, n)]
-    equivalent = [n for n in survivors if n in EQUIVALENT or n in cli_text]
-    real = [n for n in survivors if n not in equivalent]
+    unkilled = [n for n, s in status.items() if s in ("survived", "no tests", "not checked")]
+    cli_text = [n for n in unkilled if n not in EQUIVALENT and changes_cli_text_only(root, n)]
+    equivalent = [n for n in unkilled if n in EQUIVALENT or n in cli_text]
+    real = [n for n in unkilled if n not in equivalent and status[n] != "not checked"]
+    unchecked = len(unkilled) - len(equivalent) - len(real)  # should be 0: a run stopped early
+    counted = {"killed", "timeout", "survived", "no tests"}
+    other = {s: sum(v == s for v in status.values()) for s in sorted(set(status.values()) - counted)
+             if s != "not checked"}
+    if unchecked:
+        other["not checked"] = unchecked
     score = 100.0 * killed / max(1, killed + len(real))
     if not real and scratch is None:
         shutil.rmtree(root, ignore_errors=True)  # nothing to inspect there
     return dict(module=module, mutants=len(status), killed=killed, survived=len(real), equivalent=len(equivalent),
                 cli_text=len(cli_text),
-                score=score, seconds=time.time() - start, survivors=real, scratch=root,
-                other={s: sum(v == s for v in status.values()) for s in other})
+                score=score, seconds=time.time() - start, survivors=real, scratch=root, other=other)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
-from benchmarks.mutation_score import changes_cli_text_only
+from benchmarks.mutation_score import changes_cli_text_only, first_pass_patterns
 
 MUTANTS = textwrap.dedent('''
     def x_parse_args__mutmut_orig(argv):
@@ -67,3 +67,26 @@ def test_only_printed_text_changes_count_as_equivalent(tmp_path):
     assert not cli_only("hub.export.x_parse_args__mutmut_4")  # so is required=True
     assert not cli_only("hub.export.xǁRunnerǁrun__mutmut_2")  # a different call
     assert not cli_only("hub.export.x_parse_args__mutmut_99")  # unknown mutant: not assumed harmless
+
+
+def test_the_first_pass_takes_every_function_that_passes_no_argparse_text(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "cli.py").write_text(textwrap.dedent('''
+        def parse_args(argv):
+            p = argparse.ArgumentParser()
+            p.add_argument("--out", help="folder")
+            return p.parse_args(argv)
+
+        def train(steps):
+            return [step for step in range(steps)]
+
+        class Trainer:
+            def run(self):
+                return train(2)
+
+            def parser(self):
+                return argparse.ArgumentParser(description="a trainer")
+    '''))
+    assert first_pass_patterns(tmp_path, "pkg/cli.py") == ["pkg.cli.x_train__mutmut_*",
+                                                           "pkg.cli.xǁTrainerǁrun__mutmut_*"]
+    assert first_pass_patterns(tmp_path, "pkg") == []  # a package's first pass takes everything
