@@ -297,3 +297,54 @@ def test_teacher_noise_is_fresh_every_micro_batch(tmp_path, teacher_dir, idx_dir
     pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "2", "--no-export"))
     assert len(draws) == 4  # 2 steps x 2 micro-batches
     assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1:])
+
+
+def test_feature_picture_shows_seeded_teacher_targets_beside_eval_mode_predictions(tmp_path, monkeypatch):
+    """save_feature_picture: the teacher encodes with a generator seeded from `seed` on the run's device, its maps
+    are pooled to each student level, the student predicts in eval mode and is left in the mode it was in, and only
+    the main process draws, only when there are images."""
+    from types import SimpleNamespace
+
+    import training.visualize
+    from training.pairing import LevelPair
+
+    pairs = [LevelPair(student_stride=4, teacher_stride=2, teacher_channels=3),
+             LevelPair(student_stride=8, teacher_stride=8, teacher_channels=5)]
+    maps = {2: torch.randn(2, 3, 8, 8), 8: torch.randn(2, 5, 2, 2)}
+    teacher_calls, drawn = [], []
+
+    class Teacher:
+        mean, std = torch.tensor([0.1]), torch.tensor([0.2])
+
+        def __call__(self, images, generator):
+            teacher_calls.append((generator.initial_seed(), generator.device.type, images))
+            return maps
+
+    class Student(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pairs, self.modes = pairs, []
+
+        def forward(self, images):
+            self.modes.append(self.training)
+            return [torch.ones(2, 4, 4, 4), torch.ones(2, 6, 2, 2)]
+
+    def accelerator(main_process=True):
+        return SimpleNamespace(is_main_process=main_process, device=torch.device("cpu"), unwrap_model=lambda m: m)
+
+    monkeypatch.setattr(training.visualize, "save_feature_comparison", lambda *a, **k: drawn.append((a, k)))
+    images = torch.randn(2, 1, 16, 16)
+    for main_process, was_training in ((True, True), (True, False), (False, True)):
+        student = Student().train(was_training)
+        pretrain.save_feature_picture(accelerator(main_process), Teacher(), student, images, tmp_path / "s", seed=7)
+        assert student.training is was_training
+        assert student.modes == ([False] if main_process else [])
+    for no_images in (None, images[:0]):
+        pretrain.save_feature_picture(accelerator(), Teacher(), Student(), no_images, tmp_path / "s", seed=7)
+    assert len(teacher_calls) == len(drawn) == 2
+    assert all(seed == 7 and device == "cpu" and shown is images for seed, device, shown in teacher_calls)
+    (shown, targets, predictions, strides, path), kwargs = drawn[0]
+    assert shown is images and strides == [4, 8] and path == tmp_path / "s" / "features.png"
+    torch.testing.assert_close(targets[0], torch.nn.functional.avg_pool2d(maps[2], 2))  # stride 2 -> the 4x4 grid
+    assert targets[1] is maps[8] and [tuple(p.shape) for p in predictions] == [(2, 4, 4, 4), (2, 6, 2, 2)]
+    assert kwargs == {"mean": Teacher.mean, "std": Teacher.std}
