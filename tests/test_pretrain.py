@@ -348,3 +348,26 @@ def test_feature_picture_shows_seeded_teacher_targets_beside_eval_mode_predictio
     torch.testing.assert_close(targets[0], torch.nn.functional.avg_pool2d(maps[2], 2))  # stride 2 -> the 4x4 grid
     assert targets[1] is maps[8] and [tuple(p.shape) for p in predictions] == [(2, 4, 4, 4), (2, 6, 2, 2)]
     assert kwargs == {"mean": Teacher.mean, "std": Teacher.std}
+
+
+def test_build_data_takes_the_sources_limit_and_training_augmentation(tmp_path, teacher_dir, idx_dir, monkeypatch):
+    def build(*extra):
+        args = pretrain.parse_args(["--teacher", str(teacher_dir), "--data-dir", str(idx_dir), *extra])
+        return pretrain.build_data(args, pretrain.resolve_recipe(args), accelerator=None)
+
+    def views(dataset, index=3):  # one item under 16 augmentation seeds
+        return {dataset[(index, seed)]["pixel_values"].numpy().tobytes() for seed in range(16)}
+
+    dataset, images = build()
+    assert images == len(dataset) == 64 and "index" not in dataset[0]
+    assert len(views(dataset)) > 1  # the recipe's random training augmentation (flips)
+    dataset, images = build("--limit-images", "10")
+    assert images == len(dataset) == 10
+    assert build("--limit-images", "100")[1] == 64
+    dataset, _ = build("--feature-cache", str(tmp_path / "cache"))  # the trainer flips batch and targets together
+    assert len(views(dataset)) == 1 and dataset[5]["index"] == 5
+    sources = []
+    monkeypatch.setattr(pretrain, "load_image_dataset", lambda source, **kw: sources.append(source) or [])
+    args = pretrain.parse_args(["--teacher", str(teacher_dir), "--dataset", "someone/their-images"])
+    pretrain.build_data(args, pretrain.resolve_recipe(args), accelerator=None)
+    assert sources == ["someone/their-images"]
