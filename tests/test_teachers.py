@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 
 import pytest
 import torch
@@ -409,33 +410,71 @@ def test_latent_teacher_strides_are_image_relative_and_match_manual_pipeline(lat
         T.build_teacher(dataclasses.replace(cfg, kind="unet"), MEAN, STD)
 
 
-def test_empty_prompt_embedding_helpers(tmp_path, latent_dir):
-    class Tok:
-        model_max_length = 5
+class _Tokenizer:  # transformers' CLIPTokenizer, as the embedding helpers call it
+    model_max_length = 5
 
-        def __call__(self, texts, **kw):
-            assert texts == [""] and kw["padding"] == "max_length" and kw["max_length"] == 5
-            return type("Enc", (), {"input_ids": torch.zeros(1, 5, dtype=torch.long)})()
+    def __call__(self, texts, **kw):
+        assert texts == [""] and kw["padding"] == "max_length" and kw["max_length"] == 5
+        return type("Enc", (), {"input_ids": torch.tensor([[0, 1, 2, 2, 2]])})()
 
-    class TextEncoder(nn.Module):  # returns (last_hidden_state,) like transformers' CLIPTextModel
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(3, 8)
 
-        def forward(self, ids):
-            return (self.embed(ids),)
+class _TextEncoder(nn.Module):  # returns (last_hidden_state,) like transformers' CLIPTextModel
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(3, 8)
+        self.embed.weight.data = torch.arange(24.0).reshape(3, 8)
 
-    emb = T.compute_empty_prompt_embedding(Tok(), TextEncoder())
+    def forward(self, ids):
+        return (self.embed(ids),)
+
+
+def test_empty_prompt_embedding_helpers(tmp_path):
+    emb = T.compute_empty_prompt_embedding(_Tokenizer(), _TextEncoder())
     assert emb.shape == (1, 5, 8) and not emb.requires_grad
+    torch.testing.assert_close(emb[0, :, 0], torch.tensor([0.0, 8.0, 16.0, 16.0, 16.0]))
     path = T.save_empty_prompt_embedding(tmp_path, emb)
     torch.testing.assert_close(T.load_empty_prompt_embedding(str(tmp_path)), emb)
     assert path.name == T.EMPTY_PROMPT_FILE
 
-    try:
-        import transformers  # noqa: F401
-    except ImportError:  # without transformers and without a stored file: a clear error with the fix
-        with pytest.raises(FileNotFoundError, match="--store-empty-prompt-embedding"):
-            T.load_empty_prompt_embedding(str(tmp_path / "nothing"))
+
+def test_the_text_encoder_computes_the_embedding_where_none_is_stored(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    loaded = []
+
+    def loader(kind, make):
+        def from_pretrained(where, subfolder):
+            loaded.append((kind, where, subfolder))
+            return make()
+
+        return SimpleNamespace(from_pretrained=from_pretrained)
+
+    transformers = SimpleNamespace(CLIPTokenizer=loader("tokenizer", _Tokenizer),
+                                   CLIPTextModel=loader("text_encoder", _TextEncoder))
+    monkeypatch.setitem(sys.modules, "transformers", transformers)
+    expected = T.compute_empty_prompt_embedding(_Tokenizer(), _TextEncoder())
+    folder = tmp_path / "sd"
+    folder.mkdir()
+    torch.testing.assert_close(T.load_empty_prompt_embedding(str(folder)), expected)
+    assert loaded == [("tokenizer", str(folder), "tokenizer"), ("text_encoder", str(folder), "text_encoder")]
+    assert not (folder / T.EMPTY_PROMPT_FILE).exists()  # loading computes, storing writes
+    assert T.store_empty_prompt_embedding(str(folder)) == folder / T.EMPTY_PROMPT_FILE
+    assert T.store_empty_prompt_embedding("someone/sd", tmp_path / "out") == tmp_path / "out" / T.EMPTY_PROMPT_FILE
+    assert loaded[-2:] == [("tokenizer", "someone/sd", "tokenizer"), ("text_encoder", "someone/sd", "text_encoder")]
+    for stored in (folder, tmp_path / "out"):
+        torch.testing.assert_close(T.load_empty_prompt_embedding(str(stored)), expected)
+    with pytest.raises(ValueError, match=r"^someone/sd is not a local folder: pass out_dir to store the embedding$"):
+        T.store_empty_prompt_embedding("someone/sd")
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # not installed
+    with pytest.raises(ImportError, match=r"^computing the empty-prompt embedding needs `pip install transformers`$"):
+        T.store_empty_prompt_embedding(str(folder))
+    nothing = tmp_path / "nothing"
+    with pytest.raises(FileNotFoundError, match=rf"^teacher source '{re.escape(str(nothing))}' \(latent\): no "
+                                                rf"{T.EMPTY_PROMPT_FILE} and `transformers` is not installed to "
+                                                rf"compute it; run `python -m training\.teachers "
+                                                rf"--store-empty-prompt-embedding {re.escape(str(nothing))}`"):
+        T.load_empty_prompt_embedding(str(nothing))
 
 
 # ------------------------------------------------------------------------------------------------ bounds, resize, CLI
