@@ -188,3 +188,34 @@ def test_pretrain_with_a_feature_cache_builds_it_once_and_refuses_a_stale_one(tm
         pretrain.main([*common, "--output-dir", str(tmp_path / "c"), "--set", "teacher.timestep=100"])
     with pytest.raises(ValueError, match="--streaming"):
         pretrain.main([*common, "--output-dir", str(tmp_path / "d"), "--streaming"])
+
+
+def test_the_main_process_builds_the_run_cache_with_a_progress_bar_and_the_others_open_it(
+        tmp_path, teacher_dir, idx_dir, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    teacher, dataset, waits = _teacher(teacher_dir), _dataset(idx_dir), []
+
+    def accelerator(main: bool):
+        return SimpleNamespace(is_main_process=main, is_local_main_process=main,
+                               wait_for_everyone=lambda: waits.append(main))
+
+    def open_cache(main: bool, *data):
+        args = pretrain.parse_args(["--teacher", str(teacher_dir), *data, "--feature-cache", str(tmp_path / "cache"),
+                                    "--cache-encodings", "1"])
+        return pretrain.open_feature_cache(args, pretrain.resolve_recipe(args), teacher, dataset, accelerator(main))
+
+    with pytest.raises(FileNotFoundError, match="is not a teacher-feature cache"):  # the main process has not built it
+        open_cache(False, "--data-dir", str(idx_dir))
+    capsys.readouterr()
+    built = open_cache(True, "--data-dir", str(idx_dir))
+    assert "teacher-feature cache" in capsys.readouterr().err  # the main process shows its progress
+    assert built.key["data"] == str(idx_dir) and built.key["encodings"] == 1
+    opened = open_cache(False, "--data-dir", str(idx_dir))
+    assert isinstance(opened, FeatureCache) and opened.key == built.key
+    assert waits == [False, True, False]  # every process waits for the main one's build
+    recorded = []  # the data source the key records (informational: the same images may sit elsewhere)
+    monkeypatch.setattr(pretrain, "open_or_build_feature_cache", lambda *a, **k: recorded.append(a[3]["data"]))
+    for data in (["--dataset", "someone/images"], []):
+        assert open_cache(True, *data).key == built.key
+    assert recorded == ["someone/images", "fashion-mnist"]  # else the recipe's dataset
