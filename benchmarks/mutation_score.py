@@ -11,6 +11,7 @@ argparse prints (a help, description, epilog, metavar or formatter_class argumen
     python benchmarks/mutation_score.py training/losses.py   # one module
     python benchmarks/mutation_score.py training/pretrain.py --scratch /tmp/mut-pretrain   # resumable: rerun it
                                                              # after a stop and mutmut goes on where it was
+    python benchmarks/mutation_score.py training/pretrain.py --sample 300   # an estimate, with its 95% interval
 
 Needs `pip install -e .[dev]` (mutmut). Not part of CI: slow, and its mutant names move when the code changes.
 """
@@ -22,6 +23,7 @@ import ast
 import copy
 import functools
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -209,7 +211,8 @@ def first_pass_patterns(root: Path, module: str) -> list[str]:
     return patterns
 
 
-def run_module(module: str, tests: list[str], children: int, scratch: Path | None = None) -> dict:
+def run_module(module: str, tests: list[str], children: int, scratch: Path | None = None,
+               sample: int | None = None) -> dict:
     root = scratch_copy(module, tests, scratch)
     start = time.time()
     # One thread: mutmut forks each mutant's child from the process where its stats and clean runs ran the tests,
@@ -230,12 +233,21 @@ def run_module(module: str, tests: list[str], children: int, scratch: Path | Non
         return dict(re.findall(r"^\s*(\S+): (.+)$", results, flags=re.M))
 
     if not (root / "mutants").is_dir():
-        mutmut_run(*first_pass_patterns(root, module))
-    # what is left (all of a resumed run's unfinished mutants), less those that change only argparse's text
-    pending = [n for n, s in statuses().items() if s == "not checked" and not changes_cli_text_only(root, n)]
+        patterns = first_pass_patterns(root, module)
+        # a sample is drawn from every mutant, so this pass generates them all but tests only one
+        mutmut_run(*(patterns[:1] if sample else patterns))
+    status = statuses()
+    # mutants that change only argparse's text are equivalent and never run
+    candidates = sorted(n for n in status if not changes_cli_text_only(root, n))
+    population = len(candidates)
+    if sample:  # a seeded uniform sample: the same mutants on every resume
+        candidates = sorted(random.Random(0).sample(candidates, min(sample, population)))
+    pending = [n for n in candidates if status[n] == "not checked"]
     if pending:
         mutmut_run(*pending)
     status = statuses()
+    if sample:
+        status = {n: status[n] for n in candidates}
     killed = sum(s in ("killed", "timeout") for s in status.values())
     unkilled = [n for n, s in status.items() if s in ("survived", "no tests", "not checked")]
     cli_text = [n for n in unkilled if n not in EQUIVALENT and changes_cli_text_only(root, n)]
@@ -251,8 +263,19 @@ def run_module(module: str, tests: list[str], children: int, scratch: Path | Non
     if not real and scratch is None:
         shutil.rmtree(root, ignore_errors=True)  # nothing to inspect there
     return dict(module=module, mutants=len(status), killed=killed, survived=len(real), equivalent=len(equivalent),
-                cli_text=len(cli_text),
+                cli_text=len(cli_text), sampled_from=population if sample else None,
+                interval=wilson_interval(killed, killed + len(real)),
                 score=score, seconds=time.time() - start, survivors=real, scratch=root, other=other)
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion, in percent: how far a sampled score may be from the full one."""
+    if trials == 0:
+        return 0.0, 100.0
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * ((p * (1 - p) + z * z / (4 * trials)) / trials) ** 0.5 / (1 + z * z / trials)
+    return 100.0 * (centre - half), 100.0 * (centre + half)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -261,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--children", type=int, default=os.cpu_count() or 1, help="mutants tested in parallel")
     parser.add_argument("--scratch", type=Path, help="with one module: run in this folder, and if it already holds "
                         "a run, resume it (default: a new temporary folder)")
+    parser.add_argument("--sample", type=int, help="test a seeded uniform sample of this many mutants per module "
+                        "(those that change more than --help text), for modules whose tests are slow integration runs")
     args = parser.parse_args(argv)
     if args.scratch is not None and len(args.modules) != 1:
         parser.error(f"--scratch {args.scratch} needs exactly one module, got {len(args.modules)}")
@@ -268,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown module(s) {unknown}; allowed: {', '.join(MODULES)}")
     rows = [run_module(m, MODULES[m] + [a for t in SCRIPT_TESTS.get(m, []) for a in ("--deselect", t)], args.children,
-                       args.scratch)
+                       args.scratch, args.sample)
             for m in (args.modules or MODULES)]
     print("| module | mutants | killed | survived | equivalent (of which --help text) | score | seconds |")
     print("|---|---|---|---|---|---|---|")
@@ -276,6 +301,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['module']} | {r['mutants']} | {r['killed']} | {r['survived']} | {r['equivalent']} "
               f"({r['cli_text']}) | {r['score']:.1f}% | {r['seconds']:.0f} |")
     for r in rows:
+        if r["sampled_from"]:
+            low, high = r["interval"]
+            print(f"\n{r['module']}: a seeded sample of {r['mutants']} of its {r['sampled_from']} mutants that change "
+                  f"more than --help text; the full score lies in [{low:.1f}%, {high:.1f}%] with 95% confidence")
         if r["other"]:  # suspicious, segfault (an OOM kill), not checked, skipped: neither killed nor survived
             print(f"\n{r['module']}: also {r['other']}")
         if r["survivors"]:

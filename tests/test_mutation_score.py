@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
-from benchmarks.mutation_score import changes_cli_text_only, first_pass_patterns
+from benchmarks.mutation_score import changes_cli_text_only, first_pass_patterns, wilson_interval
 
 MUTANTS = textwrap.dedent('''
     def x_parse_args__mutmut_orig(argv):
@@ -90,3 +90,9 @@ def test_the_first_pass_takes_every_function_that_passes_no_argparse_text(tmp_pa
     assert first_pass_patterns(tmp_path, "pkg/cli.py") == ["pkg.cli.x_train__mutmut_*",
                                                            "pkg.cli.xǁTrainerǁrun__mutmut_*"]
     assert first_pass_patterns(tmp_path, "pkg") == []  # a package's first pass takes everything
+
+
+def test_a_sampled_score_comes_with_its_wilson_interval():
+    low, high = wilson_interval(270, 300)  # 90% of 300 sampled mutants killed
+    assert round(low, 2) == 86.08 and round(high, 2) == 92.91
+    assert wilson_interval(10, 10)[1] == 100.0 and wilson_interval(0, 0) == (0.0, 100.0)
