@@ -45,9 +45,13 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(checkpoint / "model.safetensors")
 
 
-def test_runs_and_exports_a_backbone_timm_loads(tmp_path, teacher_dir, idx_dir):
-    out = pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "3", "--feature-images", "2",
-                              "--set", "pairs=()"))
+def test_runs_and_exports_a_backbone_timm_loads(tmp_path, teacher_dir, idx_dir, caplog):
+    with caplog.at_level("INFO", logger="dreamteacher"):
+        out = pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "3", "--feature-images",
+                                  "2", "--set", "pairs=()"))
+    # the pairing, logged with the grid each pair is compared on at the recipe's 32 px
+    assert "student levels <- teacher taps, by stride:\n| student stride |" in caplog.text
+    assert "| 8 | 8 | 16 | as is | 4x4 |" in caplog.text
     model = timm.create_model(f"local-dir:{out / 'export'}", pretrained=True).eval()
     trained = {k.removeprefix("student."): v for k, v in _weights(out / "checkpoints" / "step_3").items()
                if k.startswith("student.")}
@@ -371,3 +375,43 @@ def test_build_data_takes_the_sources_limit_and_training_augmentation(tmp_path, 
     args = pretrain.parse_args(["--teacher", str(teacher_dir), "--dataset", "someone/their-images"])
     pretrain.build_data(args, pretrain.resolve_recipe(args), accelerator=None)
     assert sources == ["someone/their-images"]
+
+
+def test_command_line_defaults_and_choices():
+    args = pretrain.parse_args([])
+    assert (args.num_workers, args.checkpoint_every, args.channels_last, args.teacher_dtype) == (2, 500, False, None)
+    assert pretrain.parse_args(["--channels-last", "--teacher-dtype", "fp16"]).teacher_dtype == "fp16"
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--teacher-dtype", "fp64"])
+
+
+class _TeacherBuilt(Exception):
+    """Stops a run once its teacher is configured."""
+
+
+@pytest.mark.parametrize("flags, mixed_precision, dtype, channels_last", [
+    ([], "no", None, False),
+    (["--teacher-dtype", "bf16"], "no", torch.bfloat16, False),
+    (["--teacher-dtype", "fp16", "--channels-last"], "no", torch.float16, True),
+    ([], "bf16", torch.bfloat16, False),  # the mixed precision `accelerate launch` was given
+    (["--teacher-dtype", "fp32"], "bf16", None, False),
+])
+def test_the_teacher_runs_in_the_dtype_asked_for_else_in_the_runs_mixed_precision(
+        tmp_path, teacher_dir, idx_dir, monkeypatch, flags, mixed_precision, dtype, channels_last):
+    from accelerate.state import AcceleratorState
+
+    built = []
+
+    def build_teacher(*args, **kwargs):
+        built.append((kwargs["dtype"], kwargs["channels_last"], kwargs["device"]))
+        raise _TeacherBuilt
+
+    monkeypatch.setattr(pretrain, "build_teacher", build_teacher)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", mixed_precision)
+    AcceleratorState._reset_state(True)
+    try:
+        with pytest.raises(_TeacherBuilt):
+            pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, *flags))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert built == [(dtype, channels_last, torch.device("cpu"))]
