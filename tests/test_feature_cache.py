@@ -219,3 +219,20 @@ def test_the_main_process_builds_the_run_cache_with_a_progress_bar_and_the_other
     for data in (["--dataset", "someone/images"], []):
         assert open_cache(True, *data).key == built.key
     assert recorded == ["someone/images", "fashion-mnist"]  # else the recipe's dataset
+
+
+def test_cached_targets_draw_their_flips_and_encodings_from_the_steps_generator(built):
+    cache, teacher, dataset = built
+    indices = torch.arange(12)
+    images = torch.stack([dataset[i]["pixel_values"] for i in range(12)])
+
+    def draw(seed: int, global_seed: int):
+        torch.manual_seed(global_seed)  # torch's global RNG must not matter
+        return pretrain.teacher_targets(teacher, cache, {"indices": indices}, images, True,
+                                        torch.Generator().manual_seed(seed))
+
+    (seen_a, maps_a), (seen_b, maps_b), (seen_c, maps_c) = draw(0, 1), draw(0, 2), draw(1, 1)
+    assert torch.equal(seen_a, seen_b) and all(torch.equal(maps_a[s], maps_b[s]) for s in maps_a)
+    assert not torch.equal(seen_a, seen_c)  # 12 flips drawn alike by two seeds: odds 1 in 4096
+    assert any(not torch.equal(maps_a[s][b], maps_c[s][b]) for s in maps_a for b in range(12)
+               if torch.equal(seen_a[b], seen_c[b]))  # same view, another of its 2 cached encodings
