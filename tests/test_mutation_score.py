@@ -37,6 +37,18 @@ MUTANTS = textwrap.dedent('''
         p.add_argument("--out", default="export", metavar="DIR", help="folder (default export)", required=True)
         return p.parse_args(argv)
 
+    def x_groups__mutmut_orig(p):
+        data = p.add_argument_group("data")
+        data.add_argument("--data-dir")
+
+    def x_groups__mutmut_1(p):
+        data = p.add_argument_group("DATA")
+        data.add_argument("--data-dir")
+
+    def x_groups__mutmut_2(p):
+        data = p.add_argument_group("data")
+        data.add_argument("--DATA-DIR")
+
     class Runner:
         def xǁRunnerǁrun__mutmut_orig(self):
             return self.go(help="text")
@@ -67,6 +79,8 @@ def test_only_printed_text_changes_count_as_equivalent(tmp_path):
     assert not cli_only("hub.export.x_parse_args__mutmut_4")  # so is required=True
     assert not cli_only("hub.export.xǁRunnerǁrun__mutmut_2")  # a different call
     assert not cli_only("hub.export.x_parse_args__mutmut_99")  # unknown mutant: not assumed harmless
+    assert cli_only("hub.export.x_groups__mutmut_1")  # an argument group's title
+    assert not cli_only("hub.export.x_groups__mutmut_2")  # an option's name is behaviour
 
 
 def test_the_first_pass_takes_every_function_that_passes_no_argparse_text(tmp_path):
