@@ -239,17 +239,15 @@ def run_module(module: str, tests: list[str], children: int, scratch: Path | Non
         # a sample is drawn from every mutant, so this pass generates them all but tests only one
         mutmut_run(*(patterns[:1] if sample else patterns))
     status = statuses()
+    population = len(status)
+    if sample:  # a seeded uniform sample of all the mutants: the same ones on every resume
+        status = {n: status[n] for n in sorted(random.Random(0).sample(sorted(status), min(sample, population)))}
     # mutants that change only argparse's text are equivalent and never run
-    candidates = sorted(n for n in status if not changes_cli_text_only(root, n))
-    population = len(candidates)
-    if sample:  # a seeded uniform sample: the same mutants on every resume
-        candidates = sorted(random.Random(0).sample(candidates, min(sample, population)))
+    candidates = [n for n in status if not changes_cli_text_only(root, n)]
     pending = [n for n in candidates if status[n] == "not checked"]
     if pending:
         mutmut_run(*pending)
-    status = statuses()
-    if sample:
-        status = {n: status[n] for n in candidates}
+    status = {n: s for n, s in statuses().items() if n in status}
     killed = sum(s in ("killed", "timeout") for s in status.values())
     unkilled = [n for n, s in status.items() if s in ("survived", "no tests", "not checked")]
     cli_text = [n for n in unkilled if n not in EQUIVALENT and changes_cli_text_only(root, n)]
@@ -286,8 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--children", type=int, default=os.cpu_count() or 1, help="mutants tested in parallel")
     parser.add_argument("--scratch", type=Path, help="with one module: run in this folder, and if it already holds "
                         "a run, resume it (default: a new temporary folder)")
-    parser.add_argument("--sample", type=int, help="test a seeded uniform sample of this many mutants per module "
-                        "(those that change more than --help text), for modules whose tests are slow integration runs")
+    parser.add_argument("--sample", type=int, help="test a seeded uniform sample of this many mutants per module, "
+                        "for modules whose tests are slow integration runs")
     args = parser.parse_args(argv)
     if args.scratch is not None and len(args.modules) != 1:
         parser.error(f"--scratch {args.scratch} needs exactly one module, got {len(args.modules)}")
@@ -305,8 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         if r["sampled_from"]:
             low, high = r["interval"]
-            print(f"\n{r['module']}: a seeded sample of {r['mutants']} of its {r['sampled_from']} mutants that change "
-                  f"more than --help text; the full score lies in [{low:.1f}%, {high:.1f}%] with 95% confidence")
+            print(f"\n{r['module']}: a seeded sample of {r['mutants']} of its {r['sampled_from']} mutants; the full "
+                  f"score lies in [{low:.1f}%, {high:.1f}%] with 95% confidence")
         if r["other"]:  # suspicious, segfault (an OOM kill), not checked, skipped: neither killed nor survived
             print(f"\n{r['module']}: also {r['other']}")
         if r["survivors"]:
