@@ -62,6 +62,10 @@ def test_runs_and_exports_a_backbone_timm_loads(tmp_path, teacher_dir, idx_dir, 
     # automatic pairing by stride, written as resolved: the teacher's stride-1 level has no student level
     assert recipe["pairs"] == [[2, 2], [4, 4], [8, 8]]
     assert (out / "checkpoints" / "step_3" / "features.png").is_file()
+    for written in ("recipe.json", "args.json"):  # indented for people to read
+        text = (out / written).read_text()
+        assert text == json.dumps(json.loads(text), indent=2) + "\n"
+    assert (out / "logs" / "pretrain").is_dir()  # TensorBoard's run folder
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert {"loss/loss", "loss/mse", "loss/at", "lr", "images_per_s", "time/teacher_s"} <= set(rows[0])
@@ -78,7 +82,7 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path, teacher_dir, idx_dir):
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses  # a frozen student stays at ~1.0
 
 
-def test_resume_continues_exactly(tmp_path, teacher_dir, idx_dir, monkeypatch):
+def test_resume_continues_exactly(tmp_path, teacher_dir, idx_dir, monkeypatch, caplog):
     common = ["--max-steps", "6", "--checkpoint-every", "3", "--no-export", "--set", "optim.warmup_epochs=0.5"]
     straight = pretrain.main(_args(tmp_path / "straight", teacher_dir, idx_dir, *common))
 
@@ -93,7 +97,10 @@ def test_resume_continues_exactly(tmp_path, teacher_dir, idx_dir, monkeypatch):
         pretrain.main(_args(tmp_path / "resumed", teacher_dir, idx_dir, *common))
     monkeypatch.setattr(pretrain, "save_checkpoint", real_save)
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step_3"]
-    resumed = pretrain.main(_args(tmp_path / "resumed", teacher_dir, idx_dir, *common, "--resume", "latest"))
+    with caplog.at_level("INFO", logger="dreamteacher"):
+        resumed = pretrain.main(_args(tmp_path / "resumed", teacher_dir, idx_dir, *common, "--resume", "latest"))
+    # 3 steps of 2 micro-batches of 4 of the 64 images
+    assert f"resumed from {resumed / 'checkpoints' / 'step_3'} at step 3 (epoch 0, batch 6)" in caplog.text
 
     a, b = _weights(straight / "checkpoints" / "step_6"), _weights(resumed / "checkpoints" / "step_6")
     assert a.keys() == b.keys()
@@ -289,18 +296,38 @@ def test_lr_follows_warm_up_then_cosine_to_min_lr_by_formula(tmp_path, teacher_d
     assert lrs[-1] == pytest.approx(1e-4)
 
 
-def test_teacher_noise_is_fresh_every_micro_batch(tmp_path, teacher_dir, idx_dir, monkeypatch):
-    draws = []
-    real = pretrain.teacher_targets
+def test_without_max_steps_the_run_lasts_the_recipes_epochs(tmp_path, teacher_dir, idx_dir):
+    # 64 images in batches of 8: 8 steps per epoch, so a quarter epoch is 2 steps
+    out = pretrain.main(_args(tmp_path / "quarter", teacher_dir, idx_dir, "--epochs", "0.25", "--no-export"))
+    assert [r["step"] for r in _metrics(out)] == [1, 2]
+    # a recipe without epochs (steps only) has no warm-up: the cosine starts at the peak lr
+    out = pretrain.main(_args(tmp_path / "steps", teacher_dir, idx_dir, "--epochs", "0", "--max-steps", "2",
+                              "--lr", "1e-3", "--set", "optim.min_lr=1e-4", "--no-export"))
+    assert [r["lr"] for r in _metrics(out)] == pytest.approx([1e-4 + 0.9e-3 * 0.5, 1e-4], rel=1e-9)
+
+
+def test_teacher_noise_is_fresh_every_micro_batch(tmp_path, teacher_dir, idx_dir, monkeypatch, capsys):
+    draws, seeds, loaders = [], [], []
+    real_targets, real_loader = pretrain.teacher_targets, pretrain.build_dataloader
 
     def recording(teacher, cache, batch, images, hflip, noise):
         draws.append(torch.randn(4, generator=torch.Generator().set_state(noise.get_state())))
-        return real(teacher, cache, batch, images, hflip, noise)
+        seeds.append(noise.initial_seed())
+        return real_targets(teacher, cache, batch, images, hflip, noise)
+
+    def loader(dataset, micro_batch, **kwargs):
+        loaders.append(kwargs)
+        return real_loader(dataset, micro_batch, **kwargs)
 
     monkeypatch.setattr(pretrain, "teacher_targets", recording)
-    pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "2", "--no-export"))
+    monkeypatch.setattr(pretrain, "build_dataloader", loader)
+    pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "2", "--no-export", "--seed", "5"))
     assert len(draws) == 4  # 2 steps x 2 micro-batches
     assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1:])
+    # seeded by (seed, micro-step, rank) so that a resumed run draws the same: one process here
+    assert seeds == [5 * 1_000_003 + micro_step for micro_step in range(4)]
+    assert loaders == [{"shuffle": True, "seed": 5, "num_workers": 0}]  # a seeded shuffle
+    assert "distill: 100%" in capsys.readouterr().err  # the progress bar
 
 
 def test_feature_picture_shows_seeded_teacher_targets_beside_eval_mode_predictions(tmp_path, monkeypatch):
