@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,10 @@ def test_resume_continues_exactly(tmp_path, teacher_dir, idx_dir, monkeypatch, c
     lr_straight = [r["lr"] for r in _metrics(straight)]
     lr_resumed = {r["step"]: r["lr"] for r in _metrics(resumed)}
     assert [lr_resumed[s] for s in range(1, 7)] == lr_straight
+    other = write_fashion_mnist(tmp_path / "other", n=64)  # the same number of images from another folder
+    with pytest.raises(ValueError, match=rf"\(data: {re.escape(repr(str(idx_dir)))} in the checkpoint, "
+                                         rf"{re.escape(repr(str(other)))} now; seed: 0 in the checkpoint, 9 now\)"):
+        pretrain.main(_args(tmp_path / "resumed", teacher_dir, other, *common, "--resume", "latest", "--seed", "9"))
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path, teacher_dir, caplog):
