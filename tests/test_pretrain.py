@@ -49,7 +49,9 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 def test_runs_and_exports_a_backbone_timm_loads(tmp_path, teacher_dir, idx_dir, caplog):
     with caplog.at_level("INFO", logger="dreamteacher"):
         out = pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "3", "--feature-images",
-                                  "2", "--set", "pairs=()"))
+                                  "2", "--set", "pairs=()", "--checkpoint-every", "2"))
+    export = out / "export"
+    assert f"exported the student to {export}: timm.create_model('local-dir:{export}', pretrained=True)" in caplog.text
     # the pairing, logged with the grid each pair is compared on at the recipe's 32 px
     assert "student levels <- teacher taps, by stride:\n| student stride |" in caplog.text
     assert "| 8 | 8 | 16 | as is | 4x4 |" in caplog.text
@@ -63,6 +65,7 @@ def test_runs_and_exports_a_backbone_timm_loads(tmp_path, teacher_dir, idx_dir, 
     # automatic pairing by stride, written as resolved: the teacher's stride-1 level has no student level
     assert recipe["pairs"] == [[2, 2], [4, 4], [8, 8]]
     assert (out / "checkpoints" / "step_3" / "features.png").is_file()
+    assert (out / "checkpoints" / "step_2" / "features.png").is_file()  # beside every checkpoint
     for written in ("recipe.json", "args.json"):  # indented for people to read
         text = (out / written).read_text()
         assert text == json.dumps(json.loads(text), indent=2) + "\n"
@@ -309,6 +312,46 @@ def test_without_max_steps_the_run_lasts_the_recipes_epochs(tmp_path, teacher_di
     out = pretrain.main(_args(tmp_path / "steps", teacher_dir, idx_dir, "--epochs", "0", "--max-steps", "2",
                               "--lr", "1e-3", "--set", "optim.min_lr=1e-4", "--no-export"))
     assert [r["lr"] for r in _metrics(out)] == pytest.approx([1e-4 + 0.9e-3 * 0.5, 1e-4], rel=1e-9)
+
+
+def test_logged_metrics_average_the_steps_micro_batches_and_time_them(tmp_path, teacher_dir, idx_dir, monkeypatch,
+                                                                      capsys):
+    from types import SimpleNamespace
+
+    import accelerate
+
+    ticks = iter(range(10_000))  # a clock that moves 1/8 s per reading
+    monkeypatch.setattr(pretrain, "time", SimpleNamespace(perf_counter=lambda: next(ticks) / 8))
+    micro_losses, logged, trackers = [], [], []
+    real_loss, real_log, real_trackers = pretrain.distillation_loss, accelerate.Accelerator.log, \
+        accelerate.Accelerator.init_trackers
+
+    def loss(*args, **kwargs):
+        losses = real_loss(*args, **kwargs)
+        micro_losses.append(losses["loss"].item())
+        return losses
+
+    def log(self, values, step=None, **kwargs):
+        logged.append(step)
+        return real_log(self, values, step=step, **kwargs)
+
+    def init_trackers(self, name, config=None, **kwargs):
+        trackers.append((name, config))
+        return real_trackers(self, name, config=config, **kwargs)
+
+    monkeypatch.setattr(pretrain, "distillation_loss", loss)
+    monkeypatch.setattr(accelerate.Accelerator, "log", log)
+    monkeypatch.setattr(accelerate.Accelerator, "init_trackers", init_trackers)
+    out = pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "2", "--no-export"))
+    rows = _metrics(out)
+    assert [r["loss/loss"] for r in rows] == pytest.approx([sum(micro_losses[:2]) / 2, sum(micro_losses[2:]) / 2])
+    # per step: 2 micro-batches, each read 3 times (teacher 1 tick, student 1 tick), then the step's end: 7 ticks
+    assert [(r["time/teacher_s"], r["time/student_s"]) for r in rows] == [(0.25, 0.25)] * 2
+    assert [r["images_per_s"] for r in rows] == pytest.approx([8 / 0.875] * 2)
+    assert logged == [1, 2]  # TensorBoard's step axis
+    assert trackers == [("pretrain", {"recipe": "resnet18.dreamteacher_fmnist", "total_steps": 2, "micro_batch": 4,
+                                      "accumulation": 2, "processes": 1})]
+    assert "| 2/2 [" in capsys.readouterr().err  # the progress bar counts optimizer steps
 
 
 def test_teacher_noise_is_fresh_every_micro_batch(tmp_path, teacher_dir, idx_dir, monkeypatch, capsys):
