@@ -118,6 +118,10 @@ EQUIVALENT = {
     "hub.export.x_main__mutmut_46": "--results-note default None or '': the card tests it for truth only",
     "hub.export.x_main__mutmut_49": "--results-note default None or '': the card tests it for truth only",
     "hub.export.x_sha256_of__mutmut_16": "the read size does not change the digest",
+    "training.pretrain.x_main__mutmut_551": "every distiller parameter gets a gradient each step (the FPN's top-down "
+                                            "path starts at C5): zeroed or dropped gradients step alike",
+    "training.pretrain.x_main__mutmut_620": "timm's two parameter groups (with and without weight decay) share one lr",
+    "training.pretrain.x_open_feature_cache__mutmut_17": "'' and None are both falsy: the cache is opened either way",
 }
 for _n in (26, 27, 28, 31, 32, 33):  # fields timm's own default leaves None already
     EQUIVALENT[f"dreamteacher_models._timm_registry.x_pretrained_cfg_for__mutmut_{_n}"] = \

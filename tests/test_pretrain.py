@@ -144,6 +144,11 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
     good = tmp_path / "run" / "checkpoints" / "step_2"
     assert all(torch.isfinite(v).all() for v in _weights(good).values())
     assert not (tmp_path / "run" / "export").exists()
+    calls["n"] = 0  # a run that turns NaN before its first checkpoint has none to name
+    with pytest.raises(FloatingPointError, match=r"Last checkpoint \(finite weights\): none\. Lower the learning rate "
+                                                 r"\(--lr\) or run in fp32 \(--mixed_precision no\), then --resume "
+                                                 r"latest$"):
+        pretrain.main(_args(tmp_path / "fresh", teacher_dir, idx_dir, "--max-steps", "6", "--checkpoint-every", "4"))
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, teacher_dir, idx_dir):
@@ -455,6 +460,7 @@ def test_build_data_takes_the_sources_limit_and_training_augmentation(tmp_path, 
 def test_command_line_defaults_and_choices():
     args = pretrain.parse_args([])
     assert (args.num_workers, args.checkpoint_every, args.channels_last, args.teacher_dtype) == (2, 500, False, None)
+    assert (args.cache_encodings, args.feature_cache) == (2, None)  # the cache is opt-in
     assert pretrain.parse_args(["--channels-last", "--teacher-dtype", "fp16"]).teacher_dtype == "fp16"
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--teacher-dtype", "fp64"])
