@@ -12,6 +12,8 @@ argparse prints (a help, description, epilog, metavar or formatter_class argumen
     python benchmarks/mutation_score.py training/pretrain.py --scratch /tmp/mut-pretrain   # resumable: rerun it
                                                              # after a stop and mutmut goes on where it was
     python benchmarks/mutation_score.py training/pretrain.py --sample 300   # an estimate, with its 95% interval
+    python benchmarks/mutation_score.py training/pretrain.py --scratch /tmp/mut-pretrain --retest   # the survivors
+                                                             # again, against the tests written from them
 
 Needs `pip install -e .[dev]` (mutmut). Not part of CI: slow, and its mutant names move when the code changes.
 """
@@ -217,9 +219,17 @@ def first_pass_patterns(root: Path, module: str) -> list[str]:
     return patterns
 
 
+def refresh_tests(root: Path) -> None:
+    """Copy the repository's tests over a resumed run's (its code stays as it was mutated), for `--retest`."""
+    for test in (REPO / "tests").glob("*.py"):
+        shutil.copy2(test, root / "tests" / test.name)
+
+
 def run_module(module: str, tests: list[str], children: int, scratch: Path | None = None,
-               sample: int | None = None) -> dict:
+               sample: int | None = None, retest: bool = False) -> dict:
     root = scratch_copy(module, tests, scratch)
+    if retest:
+        refresh_tests(root)
     start = time.time()
     # One thread: mutmut forks each mutant's child from the process where its stats and clean runs ran the tests,
     # and a torch thread pool started there deadlocks the forked child's first parallel op.
@@ -248,7 +258,9 @@ def run_module(module: str, tests: list[str], children: int, scratch: Path | Non
         status = {n: status[n] for n in sorted(random.Random(0).sample(sorted(status), min(sample, population)))}
     # mutants that change only argparse's text are equivalent and never run
     candidates = [n for n in status if not changes_cli_text_only(root, n)]
-    pending = [n for n in candidates if status[n] == "not checked"]
+    # what is left; with `retest`, also the survivors, against the tests written since
+    pending = [n for n in candidates if status[n] == "not checked"
+               or (retest and status[n] in ("survived", "no tests") and n not in EQUIVALENT)]
     if pending:
         mutmut_run(*pending)
     status = {n: s for n, s in statuses().items() if n in status}
@@ -290,14 +302,18 @@ def main(argv: list[str] | None = None) -> None:
                         "a run, resume it (default: a new temporary folder)")
     parser.add_argument("--sample", type=int, help="test a seeded uniform sample of this many mutants per module, "
                         "for modules whose tests are slow integration runs")
+    parser.add_argument("--retest", action="store_true", help="with --scratch: rerun the survivors of the run it "
+                        "holds against the repository's current tests (written from them since)")
     args = parser.parse_args(argv)
+    if args.retest and args.scratch is None:
+        parser.error("--retest needs the --scratch folder of an earlier run")
     if args.scratch is not None and len(args.modules) != 1:
         parser.error(f"--scratch {args.scratch} needs exactly one module, got {len(args.modules)}")
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; allowed: {', '.join(MODULES)}")
     rows = [run_module(m, MODULES[m] + [a for t in SCRIPT_TESTS.get(m, []) for a in ("--deselect", t)], args.children,
-                       args.scratch, args.sample)
+                       args.scratch, args.sample, args.retest)
             for m in (args.modules or MODULES)]
     print("| module | mutants | killed | survived | equivalent (of which --help text) | score | seconds |")
     print("|---|---|---|---|---|---|---|")
