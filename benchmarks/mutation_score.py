@@ -124,6 +124,9 @@ EQUIVALENT = {
                                             "path starts at C5): zeroed or dropped gradients step alike",
     "training.pretrain.x_main__mutmut_620": "timm's two parameter groups (with and without weight decay) share one lr",
     "training.pretrain.x_open_feature_cache__mutmut_17": "'' and None are both falsy: the cache is opened either way",
+    "training.train_teacher.x_denoising_loss__mutmut_24": "diffusers' output object indexes like its tuple: [0] is "
+                                                          ".sample either way",
+    "training.train_teacher.x_save_grid__mutmut_42": "a NEAREST resize by 1 is the identity",
 }
 for _n in (26, 27, 28, 31, 32, 33):  # fields timm's own default leaves None already
     EQUIVALENT[f"dreamteacher_models._timm_registry.x_pretrained_cfg_for__mutmut_{_n}"] = \

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -508,3 +510,41 @@ def test_cpu_runs_default_to_every_core(tmp_path, idx_dir, monkeypatch, flag, ex
     train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
                         *TINY, *flag])
     assert calls == [expected]
+
+
+def test_int_list_takes_positive_comma_separated_integers():
+    assert train_teacher._int_list("32,64,128") == (32, 64, 128) and train_teacher._int_list("1") == (1,)
+    for bad in ("0,8", "8,-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"^expected positive integers, got '{bad}'$"):
+            train_teacher._int_list(bad)
+    for bad in ("a,8", "8,,8", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"^expected comma-separated integers, got '{bad}'$"):
+            train_teacher._int_list(bad)
+
+
+def test_export_readme_records_the_launch_loss_precision_and_wall_time(monkeypatch):
+    from types import SimpleNamespace
+
+    args = train_teacher.parse_args(["--data-dir", "d", "--hardware-note", "a test box"])
+    state = train_teacher.TrainState()
+    state.wall_s, state.step = 150.0, 12
+    unet = torch.nn.Linear(999, 1000)  # 1.00 M parameters
+    readme = train_teacher._readme(args, ["--data-dir", "d"], state, 0.123456, unet)
+    assert "| command | `python training/train_teacher.py --data-dir d` |" in readme
+    assert "| last logged loss | 0.1235 |" in readme and "| wall time | 2.5 min |" in readme
+    assert "| optimizer steps | 12 |" in readme and "1.00 M parameters" in readme
+    assert ("EMA weights cast to fp16;" in readme) is args.fp16_export
+    fp32 = SimpleNamespace(**{**vars(args), "fp16_export": False})
+    assert "Weights are the EMA weights;" in train_teacher._readme(fp32, [], state, 0.1, unet)
+    assert "| last logged loss | n/a |" in train_teacher._readme(args, [], state, None, unet)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    readme = train_teacher._readme(args, ["--data-dir", "d"], state, 0.1, unet)
+    assert "| command | `accelerate launch --num_processes 2 training/train_teacher.py --data-dir d` |" in readme
+    assert f"| batch size (global) | {args.batch_size} x 2 process(es) |" in readme
+
+
+def test_the_script_logs_at_info(tmp_path, idx_dir, monkeypatch):
+    monkeypatch.setattr(logging.root, "handlers", [])  # as a fresh interpreter, where basicConfig takes effect
+    monkeypatch.setattr(logging.root, "level", logging.WARNING)
+    train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "1", *TINY])
+    assert logging.root.level == logging.INFO
