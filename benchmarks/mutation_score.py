@@ -127,6 +127,11 @@ EQUIVALENT = {
     "training.train_teacher.x_denoising_loss__mutmut_24": "diffusers' output object indexes like its tuple: [0] is "
                                                           ".sample either way",
     "training.train_teacher.x_save_grid__mutmut_42": "a NEAREST resize by 1 is the identity",
+    "training.train_teacher.x_main__mutmut_417": "tqdm's dynamic_ncols: how wide the bar is drawn",
+    "training.train_teacher.x_main__mutmut_421": "None and False are both falsy",
+    "training.train_teacher.x_main__mutmut_477": "torch.randint(0, n, ...) and torch.randint(n, ...) are one op",
+    "training.train_teacher.x_main__mutmut_514": "every UNet parameter gets a gradient each step: zeroed or dropped "
+                                                 "gradients step alike",
 }
 for _n in (26, 27, 28, 31, 32, 33):  # fields timm's own default leaves None already
     EQUIVALENT[f"dreamteacher_models._timm_registry.x_pretrained_cfg_for__mutmut_{_n}"] = \

@@ -103,7 +103,7 @@ def test_resume_continues_exactly(tmp_path, idx_dir):
     assert "| optimizer steps | 6 |" in (part / "export" / "README.md").read_text()
 
 
-def test_lr_follows_the_cosine_once_per_optimizer_step_with_accumulation_and_resume(tmp_path, idx_dir):
+def test_lr_follows_the_cosine_once_per_optimizer_step_with_accumulation_and_resume(tmp_path, idx_dir, caplog):
     # 4 micro-batches per epoch, accumulation 3: optimizer steps of 3 + 1 micro-batches (Accelerate syncs at the end
     # of the loader), so 2 steps per epoch; a resume after step 3 must continue mid-epoch 1, not at its start
     common = ["--data-dir", str(idx_dir), "--max-steps", "6", "--checkpoint-every", "3",
@@ -122,15 +122,19 @@ def test_lr_follows_the_cosine_once_per_optimizer_step_with_accumulation_and_res
     (part / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step_3", part / "checkpoints" / "step_3")
     (part / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text()[:-20])  # torn by a kill mid-line
-    train_teacher.main([*common, "--output-dir", str(part), "--seed", "3", "--log-every", "1", "--resume", "latest"])
+    with caplog.at_level("INFO", logger="train_teacher"):
+        train_teacher.main([*common, "--output-dir", str(part), "--seed", "3", "--log-every", "1", "--resume",
+                            "latest"])
+    assert f"resumed from {part / 'checkpoints' / 'step_3'} at step 3 (epoch 1, batch 3)" in caplog.text
     a, b = _unet_weights(full / "export"), _unet_weights(part / "export")
     assert all(torch.equal(a[k], b[k]) for k in a)
     resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # no torn line, no step twice
 
-    with pytest.raises(ValueError, match=r"seed: 3 in the checkpoint, 4 now.*--allow-resume-mismatch"):
-        train_teacher.main([*common, "--output-dir", str(part), "--seed", "4", "--log-every", "1",
-                            "--resume", str(part / "checkpoints" / "step_3")])
+    with pytest.raises(ValueError, match=r"batch_per_device: 8 in the checkpoint, 4 now; .*seed: 3 in the "
+                                         r"checkpoint, 4 now.*--allow-resume-mismatch"):
+        train_teacher.main([*common, "--output-dir", str(part), "--seed", "4", "--log-every", "1", "--batch-size",
+                            "4", "--resume", str(part / "checkpoints" / "step_3")])
 
 
 def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints(tmp_path, idx_dir):
@@ -379,7 +383,7 @@ class _StepClock:
         return 60.0 * self.steps
 
 
-def test_minute_based_checkpoints_and_stop_follow_the_training_clock(tmp_path, idx_dir, monkeypatch):
+def test_minute_based_checkpoints_and_stop_follow_the_training_clock(tmp_path, idx_dir, monkeypatch, caplog):
     _StepClock(monkeypatch)
     run = tmp_path / "every"
     train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(run), "--max-steps", "6",
@@ -390,8 +394,10 @@ def test_minute_based_checkpoints_and_stop_follow_the_training_clock(tmp_path, i
 
     _StepClock(monkeypatch)
     run = tmp_path / "stop"
-    export = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(run), "--max-steps", "10",
-                                 "--checkpoint-every", "100", "--max-minutes", "2", *TINY])
+    with caplog.at_level("INFO", logger="train_teacher"):
+        export = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(run), "--max-steps", "10",
+                                     "--checkpoint-every", "100", "--max-minutes", "2", *TINY])
+    assert "--max-minutes 2.0 reached at step 2: stopping" in caplog.text
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # stopped when 2 minutes were reached, not after
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2"]
@@ -548,3 +554,28 @@ def test_the_script_logs_at_info(tmp_path, idx_dir, monkeypatch):
     monkeypatch.setattr(logging.root, "level", logging.WARNING)
     train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "1", *TINY])
     assert logging.root.level == logging.INFO
+
+
+def test_each_micro_batch_gets_noise_and_timesteps_seeded_by_formula_on_images_in_model_range(
+        tmp_path, idx_dir, monkeypatch, caplog):
+    seen, real = [], train_teacher.denoising_loss
+
+    def recording(unet, scheduler, clean, noise, t):
+        seen.append((clean, noise, t))
+        return real(unet, scheduler, clean, noise, t)
+
+    monkeypatch.setattr(train_teacher, "denoising_loss", recording)
+    out = tmp_path / "nested" / "run"  # a folder whose parent does not exist yet
+    with caplog.at_level("INFO", logger="train_teacher"):
+        export = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(out), "--max-steps", "2",
+                                     "--resolution", "16", *TINY])
+    assert len(seen) == 2
+    for micro_step, (clean, noise, t) in enumerate(seen):  # seed 3, one process: seeded by (seed, micro-step, rank)
+        assert clean.shape == (8, 3, 16, 16) and clean.min() >= -1 and clean.max() <= 1  # --resolution, in [-1, 1]
+        generator = torch.Generator().manual_seed(3 * 1_000_003 + micro_step)
+        assert torch.equal(noise, torch.randn(clean.shape, generator=generator))
+        assert torch.equal(t, torch.randint(0, 1000, (8,), generator=generator))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r.keys() >= {"skipped_images", "epoch"} for r in rows)
+    assert "32 images, 4 steps/epoch, global batch 8, 2 steps (0.50 epochs), UNet 0." in caplog.text
+    assert f"exported EMA teacher to {export} (2 steps, " in caplog.text
