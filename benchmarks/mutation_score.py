@@ -145,13 +145,17 @@ CLI_TEXT_KEYWORDS = {"help", "description", "epilog", "metavar", "formatter_clas
 
 def _code_without_cli_text(function: ast.AST) -> str:
     """The function's AST without its name, without any help / description / epilog / metavar / formatter_class
-    argument, and without the titles of argument groups (`add_argument_group("data")`)."""
+    argument, without the titles of argument groups (`add_argument_group("data")`), and without an
+    `add_argument(..., default=None)`, which is argparse's own default."""
     function = copy.deepcopy(function)
     function.name = ""
     for node in ast.walk(function):
         if isinstance(node, ast.Call):
-            node.keywords = [k for k in node.keywords if k.arg not in CLI_TEXT_KEYWORDS | {"title"}]
-            if isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument_group":
+            method = node.func.attr if isinstance(node.func, ast.Attribute) else None
+            node.keywords = [k for k in node.keywords if k.arg not in CLI_TEXT_KEYWORDS | {"title"} and not (
+                method == "add_argument" and k.arg == "default" and isinstance(k.value, ast.Constant)
+                and k.value.value is None)]
+            if method == "add_argument_group":
                 node.args = []
     return ast.dump(function)
 

@@ -37,6 +37,18 @@ MUTANTS = textwrap.dedent('''
         p.add_argument("--out", default="export", metavar="DIR", help="folder (default export)", required=True)
         return p.parse_args(argv)
 
+    def x_defaults__mutmut_orig(p):
+        p.add_argument("--resume", default=None, help="a folder")
+        p.add_argument("--seed", type=int, default=0)
+
+    def x_defaults__mutmut_1(p):
+        p.add_argument("--resume", help="a folder")
+        p.add_argument("--seed", type=int, default=0)
+
+    def x_defaults__mutmut_2(p):
+        p.add_argument("--resume", default=None, help="a folder")
+        p.add_argument("--seed", type=int)
+
     def x_groups__mutmut_orig(p):
         data = p.add_argument_group("data")
         data.add_argument("--data-dir")
@@ -80,6 +92,8 @@ def test_only_printed_text_changes_count_as_equivalent(tmp_path):
     assert not cli_only("hub.export.xǁRunnerǁrun__mutmut_2")  # a different call
     assert not cli_only("hub.export.x_parse_args__mutmut_99")  # unknown mutant: not assumed harmless
     assert cli_only("hub.export.x_groups__mutmut_1")  # an argument group's title
+    assert cli_only("hub.export.x_defaults__mutmut_1")  # default=None dropped: argparse's own default
+    assert not cli_only("hub.export.x_defaults__mutmut_2")  # default=0 dropped: None now
     assert not cli_only("hub.export.x_groups__mutmut_2")  # an option's name is behaviour
 
 

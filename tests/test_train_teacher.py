@@ -579,3 +579,15 @@ def test_each_micro_batch_gets_noise_and_timesteps_seeded_by_formula_on_images_i
     assert rows and all(r.keys() >= {"skipped_images", "epoch"} for r in rows)
     assert "32 images, 4 steps/epoch, global batch 8, 2 steps (0.50 epochs), UNet 0." in caplog.text
     assert f"exported EMA teacher to {export} (2 steps, " in caplog.text
+
+
+def test_command_line_defaults_and_choices():
+    args = train_teacher.parse_args(["--data-dir", "d"])
+    assert (args.norm_num_groups, args.lr_warmup_steps, args.num_samples, args.seed) == (32, 200, 16, 0)
+    assert (args.allow_resume_mismatch, args.mixed_precision, args.resume) == (False, "no", None)
+    assert train_teacher.parse_args(["--data-dir", "d", "--allow-resume-mismatch"]).allow_resume_mismatch is True
+    for precision in ("fp16", "bf16"):
+        args = train_teacher.parse_args(["--data-dir", "d", "--mixed-precision", precision])
+        assert args.mixed_precision == precision
+    with pytest.raises(SystemExit):
+        train_teacher.parse_args(["--data-dir", "d", "--mixed-precision", "fp8"])
