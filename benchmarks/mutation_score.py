@@ -132,6 +132,14 @@ EQUIVALENT = {
     "training.train_teacher.x_main__mutmut_477": "torch.randint(0, n, ...) and torch.randint(n, ...) are one op",
     "training.train_teacher.x_main__mutmut_514": "every UNet parameter gets a gradient each step: zeroed or dropped "
                                                  "gradients step alike",
+    "training.teachers.xǁFrozenTeacherǁforward__mutmut_49": "torch.full with an int fill value is int64 already",
+    "training.teachers.xǁFrozenTeacherǁforward__mutmut_109": "align_corners defaults to False",
+    "training.teachers.xǁFrozenTeacherǁ_encode_latents__mutmut_9": "every diffusers AutoencoderKL config has "
+                                                                    "shift_factor (None unless set)",
+    "training.teachers.x__convert_adm__mutmut_19": "DDPMScheduler's default num_train_timesteps is 1000",
+    "training.teachers.x_main__mutmut_109": "input_size[1] == input_size[-1]: every recipe's images are square",
+    "training.teachers.x_main__mutmut_168": "the CLI prints shapes, which the normalisation does not change",
+    "training.teachers.x_main__mutmut_206": "zip strict: one channel count per stride by construction",
 }
 for _n in (26, 27, 28, 31, 32, 33):  # fields timm's own default leaves None already
     EQUIVALENT[f"dreamteacher_models._timm_registry.x_pretrained_cfg_for__mutmut_{_n}"] = \

@@ -256,7 +256,8 @@ def test_missing_sources_say_how_to_get_one(tmp_path, monkeypatch):
                                                 r"is set: download https://\S+/256x256_diffusion_uncond\.pt to "
                                                 + str(tmp_path / "cache" / "adm" / "256x256_diffusion_uncond.pt")):
         T.build_teacher(RECIPES["resnet50.dreamteacher_in1k"].teacher, IMAGENET_MEAN, IMAGENET_STD)
-    with pytest.raises(FileNotFoundError, match=r"256x256_diffusion_uncond\.pt.*no such checkpoint.*training\.adm"):
+    with pytest.raises(FileNotFoundError, match=r"256x256_diffusion_uncond\.pt' \(adm\): no such checkpoint file\. To "
+                                                r"get one: .*training\.adm"):
         T.build_teacher(RECIPES["resnet50.dreamteacher_in1k"].teacher, IMAGENET_MEAN, IMAGENET_STD,
                         source="256x256_diffusion_uncond.pt")
     (tmp_path / "empty").mkdir()
@@ -833,3 +834,41 @@ def test_every_tensor_the_teacher_makes_lives_on_its_device(unet_dir, latent_dir
     latent = T.build_teacher(dataclasses.replace(_config(latent_dir, kind="latent"), encoding=encoding), MEAN, STD,
                              device="meta", ddim_steps=2)
     assert {f.device.type for f in latent(_images(size=64)[1]).values()} == {"meta"}
+
+
+def test_a_teacher_built_with_defaults_stops_after_its_last_tap(unet_dir):
+    unet = UNet2DModel.from_pretrained(unet_dir / "unet")
+    teacher = T.FrozenTeacher(unet, DDPMScheduler.from_pretrained(unet_dir / "scheduler"), 50, MEAN, STD)
+    calls = []
+    unet.conv_out.register_forward_hook(lambda *a: calls.append(1))
+    teacher(_images()[1])
+    assert calls == [] and teacher.early_stop  # the output conv, after every tap, never ran
+
+
+@pytest.mark.parametrize("source, is_hub_id", [
+    ("someone/sd-turbo", True), ("sd-turbo", True), ("./someone/sd", False), ("~/sd", False), ("/abs/sd", False),
+    ("a/b/c", False), ("someone/model.safetensors", False), ("bad name/x", False)])
+def test_what_counts_as_a_hub_repo_id(source, is_hub_id):
+    assert T._is_hub_id(source) is is_hub_id
+
+
+def test_a_vae_shift_factor_is_taken_off_the_latents(latent_dir):
+    teacher = T.build_teacher(_config(latent_dir, kind="latent"), MEAN, STD)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        mean = teacher.vae.encode(x).latent_dist.mean
+        teacher.vae.register_to_config(shift_factor=0.25)  # as SD3 / FLUX VAEs have
+        torch.testing.assert_close(teacher._encode_latents(x), (mean - 0.25) * teacher.vae.config.scaling_factor)
+
+
+def test_the_embedding_comes_from_the_hub_for_a_repo_id_and_a_home_path_is_expanded(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    stored = T.save_empty_prompt_embedding(tmp_path / "download", torch.ones(1, 2, 8))
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a: downloads.append(a) or str(stored))
+    torch.testing.assert_close(T.load_empty_prompt_embedding("someone/sd"), torch.ones(1, 2, 8))
+    assert downloads == [("someone/sd", T.EMPTY_PROMPT_FILE)]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    T.save_empty_prompt_embedding(tmp_path / "sd", torch.zeros(1, 2, 8))
+    torch.testing.assert_close(T.load_empty_prompt_embedding("~/sd"), torch.zeros(1, 2, 8))
