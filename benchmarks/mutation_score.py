@@ -140,6 +140,9 @@ EQUIVALENT = {
     "training.teachers.x_main__mutmut_109": "input_size[1] == input_size[-1]: every recipe's images are square",
     "training.teachers.x_main__mutmut_168": "the CLI prints shapes, which the normalisation does not change",
     "training.teachers.x_main__mutmut_206": "zip strict: one channel count per stride by construction",
+    "training.teachers.x__is_hub_id__mutmut_5": "validate_repo_id refuses a leading '.' too",
+    "training.teachers.x__is_hub_id__mutmut_12": "validate_repo_id refuses more than one '/' too",
+    "training.teachers.x__is_hub_id__mutmut_14": "validate_repo_id refuses more than one '/' too",
 }
 for _n in (26, 27, 28, 31, 32, 33):  # fields timm's own default leaves None already
     EQUIVALENT[f"dreamteacher_models._timm_registry.x_pretrained_cfg_for__mutmut_{_n}"] = \
