@@ -223,8 +223,8 @@ def first_pass_patterns(root: Path, module: str) -> list[str]:
 
     The first `mutmut run` takes only these: it still generates every mutant of the module, so the mutants of the
     command-line builders can then be sorted by `changes_cli_text_only` and only the others run. Run as they are,
-    each help-text mutant survives, and a survivor runs every test that parses arguments (about half an hour of the
-    pretrain.py run). [] for a package: its first run takes everything."""
+    each help-text mutant survives, and a survivor runs every test that parses arguments. [] for a package: its
+    first run takes everything."""
     if not module.endswith(".py"):
         return []
     dotted = module.removesuffix(".py").replace("/", ".")
