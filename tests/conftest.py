@@ -28,3 +28,18 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def tracker_runs(monkeypatch):
+    """(name, config) of every `Accelerator.init_trackers` call in the test; the call itself still happens."""
+    import accelerate
+
+    calls, real = [], accelerate.Accelerator.init_trackers
+
+    def init_trackers(self, name, config=None, **kwargs):
+        calls.append((name, config))
+        return real(self, name, config=config, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "init_trackers", init_trackers)
+    return calls

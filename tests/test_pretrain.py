@@ -321,16 +321,15 @@ def test_without_max_steps_the_run_lasts_the_recipes_epochs(tmp_path, teacher_di
 
 
 def test_logged_metrics_average_the_steps_micro_batches_and_time_them(tmp_path, teacher_dir, idx_dir, monkeypatch,
-                                                                      capsys):
+                                                                      capsys, tracker_runs):
     from types import SimpleNamespace
 
     import accelerate
 
     ticks = iter(range(10_000))  # a clock that moves 1/8 s per reading
     monkeypatch.setattr(pretrain, "time", SimpleNamespace(perf_counter=lambda: next(ticks) / 8))
-    micro_losses, logged, trackers = [], [], []
-    real_loss, real_log, real_trackers = pretrain.distillation_loss, accelerate.Accelerator.log, \
-        accelerate.Accelerator.init_trackers
+    micro_losses, logged = [], []
+    real_loss, real_log = pretrain.distillation_loss, accelerate.Accelerator.log
 
     def loss(*args, **kwargs):
         losses = real_loss(*args, **kwargs)
@@ -341,13 +340,8 @@ def test_logged_metrics_average_the_steps_micro_batches_and_time_them(tmp_path, 
         logged.append(step)
         return real_log(self, values, step=step, **kwargs)
 
-    def init_trackers(self, name, config=None, **kwargs):
-        trackers.append((name, config))
-        return real_trackers(self, name, config=config, **kwargs)
-
     monkeypatch.setattr(pretrain, "distillation_loss", loss)
     monkeypatch.setattr(accelerate.Accelerator, "log", log)
-    monkeypatch.setattr(accelerate.Accelerator, "init_trackers", init_trackers)
     out = pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "2", "--no-export"))
     rows = _metrics(out)
     assert [r["loss/loss"] for r in rows] == pytest.approx([sum(micro_losses[:2]) / 2, sum(micro_losses[2:]) / 2])
@@ -355,7 +349,7 @@ def test_logged_metrics_average_the_steps_micro_batches_and_time_them(tmp_path, 
     assert [(r["time/teacher_s"], r["time/student_s"]) for r in rows] == [(0.25, 0.25)] * 2
     assert [r["images_per_s"] for r in rows] == pytest.approx([8 / 0.875] * 2)
     assert logged == [1, 2]  # TensorBoard's step axis
-    assert trackers == [("pretrain", {"recipe": "resnet18.dreamteacher_fmnist", "total_steps": 2, "micro_batch": 4,
+    assert tracker_runs == [("pretrain", {"recipe": "resnet18.dreamteacher_fmnist", "total_steps": 2, "micro_batch": 4,
                                       "accumulation": 2, "processes": 1})]
     bars = [line for line in capsys.readouterr().err.replace("\n", "\r").split("\r") if line.startswith("distill")]
     assert "| 2/2 [" in bars[-1]  # the progress bar counts optimizer steps

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import accelerate
 import numpy as np
 import pytest
 import torch
@@ -558,7 +557,7 @@ def test_the_script_logs_at_info(tmp_path, idx_dir, monkeypatch):
 
 
 def test_each_micro_batch_gets_noise_and_timesteps_seeded_by_formula_on_images_in_model_range(
-        tmp_path, idx_dir, monkeypatch, caplog):
+        tmp_path, idx_dir, monkeypatch, caplog, tracker_runs):
     seen, real = [], train_teacher.denoising_loss
 
     def recording(unet, scheduler, clean, noise, t):
@@ -566,13 +565,6 @@ def test_each_micro_batch_gets_noise_and_timesteps_seeded_by_formula_on_images_i
         return real(unet, scheduler, clean, noise, t)
 
     monkeypatch.setattr(train_teacher, "denoising_loss", recording)
-    trackers, real_trackers = [], accelerate.Accelerator.init_trackers
-
-    def init_trackers(self, name, config=None, **kwargs):
-        trackers.append((name, config))
-        return real_trackers(self, name, config=config, **kwargs)
-
-    monkeypatch.setattr(accelerate.Accelerator, "init_trackers", init_trackers)
     out = tmp_path / "nested" / "run"  # a folder whose parent does not exist yet
     with caplog.at_level("INFO", logger="train_teacher"):
         export = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(out), "--max-steps", "2",
@@ -587,7 +579,7 @@ def test_each_micro_batch_gets_noise_and_timesteps_seeded_by_formula_on_images_i
     assert rows and all(r.keys() >= {"skipped_images", "epoch"} for r in rows)
     assert "32 images, 4 steps/epoch, global batch 8, 2 steps (0.50 epochs), UNet 0." in caplog.text
     assert f"exported EMA teacher to {export} (2 steps, " in caplog.text
-    [(name, config)] = trackers  # TensorBoard's hyperparameters: the flags, tuples as text
+    [(name, config)] = tracker_runs  # TensorBoard's hyperparameters: the flags, tuples as text
     assert name == "train_teacher" and config["block_out_channels"] == "8,8,16,16" and config["resolution"] == 16
 
 
