@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-
-from training.hardware import cpu_name
 
 PROBE_SIZE = 2048
 SLOW_PROBE_GFLOPS = 250.0  # this host's fp32 matmul peak is ~360 GFLOP/s; below this it is in a slow spell
@@ -21,11 +18,6 @@ def matmul_gflops(size: int = PROBE_SIZE) -> float:
     start = time.perf_counter()
     a @ b
     return 2 * size**3 / (time.perf_counter() - start) / 1e9
-
-
-def machine_facts() -> str:
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}, "
-            f"python {platform.python_version()}")
 
 
 def interleaved_medians(variants: dict[str, Callable[[], None]], rounds: int, warmup: int = 1

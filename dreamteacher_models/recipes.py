@@ -36,7 +36,7 @@ class TeacherConfig:
     """The frozen generative model whose features are distilled."""
 
     kind: TeacherKind  # unet: diffusers UNet2DModel; adm: guided-diffusion checkpoint; latent: Stable Diffusion
-    source: str  # Hub repo id or local folder (an ADM .pt is converted with `python -m training.adm`)
+    source: str  # Hub repo id or local folder (an ADM .pt is converted with training/convert_adm.py)
     timestep: int  # x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, then one UNet pass at t
     taps: tuple[str, ...] = ()  # module names to read; () = each decoder level before its upsampler
     encoding: Literal["noise", "ddim"] = "noise"  # paper: fresh-noise encoding; DDIM inversion for the ablation
@@ -102,7 +102,7 @@ class Recipe:
     regressor_width: int = 256
     ppm_bins: tuple[int, ...] = (1, 2, 3, 6)
     # (student stride, teacher stride) per distilled student level; () = pair each teacher tap with the student
-    # level at its own stride (training/pairing.py). A finer teacher map is area-pooled to the student's grid.
+    # level at its own stride (training/distill/pairing.py). A finer teacher map is area-pooled to the student's grid.
     pairs: tuple[tuple[int, int], ...] = ()
     # timm's zero_init_last (resnet family: each residual block's last BN gamma starts at 0); None = timm's default
     zero_init_last: bool | None = None
@@ -125,7 +125,7 @@ class Recipe:
 
 ADM_IMAGENET_TEACHER = TeacherConfig(
     kind="adm",
-    source="adm:256x256_diffusion_uncond",  # fetched, checked and converted once (training/adm_fetch.py)
+    source="adm:256x256_diffusion_uncond",  # fetched, checked and converted once (training/teacher/adm_fetch.py)
     adm_preset="256x256_diffusion_uncond",
     timestep=150,
     description="OpenAI guided-diffusion ADM, unconditional ImageNet 256x256, decoder blocks 3/6/9/12 at t=150",
@@ -186,7 +186,7 @@ RECIPES: dict[str, Recipe] = {
             notes="In-domain recipe sized for minutes on a laptop CPU (the trainer's default): the paper's in-domain "
                   "optimiser, with batch 128 and 0.4 epoch instead of batch 256 and 100 epochs. Pairs, AT weight 3, "
                   "regressor width 128 and residual branches initialised on (zero_init_last=False) were chosen by "
-                  "benchmarks/fmnist_ablation.py.",
+                  "benchmarks/experiments/fmnist_ablation.py.",
         ),
     )
 }

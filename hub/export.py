@@ -12,7 +12,6 @@ dreamteacher import at all. Writing is atomic: a crash leaves either the old fol
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 from collections.abc import Mapping
@@ -22,9 +21,11 @@ import safetensors.torch
 import timm
 import torch
 
-from dreamteacher_models._timm_registry import WEIGHTS_FILENAME, pretrained_cfg_for
+from dreamteacher_models._timm_registry import WEIGHTS_FILENAME
 from dreamteacher_models.recipes import Recipe, get_recipe
-from training.run_layout import (
+from training.run.backbones import load_student
+from training.run.checksums import sha256_file, write_checksums
+from training.run.layout import (
     RESOLVED_RECIPE_FILENAME,
     find_run_checkpoint,
     find_run_recipe,
@@ -37,50 +38,6 @@ from training.run_layout import (
 from .model_card import Results, render_model_card
 
 EXPORT_FILES = {WEIGHTS_FILENAME, "config.json", "README.md", "SHA256SUMS", RESOLVED_RECIPE_FILENAME}
-STUDENT_PREFIX = "student."  # the trainer's module holds the backbone as `.student`, the regressor beside it
-
-
-def build_backbone(recipe: Recipe) -> torch.nn.Module:
-    """The headless timm model a recipe describes, carrying the recipe's pretrained_cfg (random weights)."""
-    return timm.create_model(recipe.arch, pretrained=False, num_classes=0, pretrained_cfg=pretrained_cfg_for(recipe))
-
-
-def student_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Backbone tensors only: `student.`-prefixed keys when present (regressor/teacher dropped), DDP prefix removed."""
-    state = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    if any(k.startswith(STUDENT_PREFIX) for k in state):
-        state = {k.removeprefix(STUDENT_PREFIX): v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
-    return state
-
-
-def load_student(recipe: Recipe, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    """The recipe's backbone with `state_dict` loaded strictly; mismatches are reported by name."""
-    model = build_backbone(recipe)
-    state = student_state_dict(state_dict)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                   if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong_shape:
-        raise ValueError(
-            f"the checkpoint does not match {recipe.arch} (num_classes=0): missing {_head(missing)}, "
-            f"unexpected {_head(unexpected)}, wrong shapes {_head(wrong_shape)}"
-        )
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def _head(names: list[str], n: int = 6) -> str:
-    return f"{names[:n]}{' ...' if len(names) > n else ''} ({len(names)})"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_for_hub(
@@ -112,7 +69,7 @@ def export_for_hub(
     try:
         timm.models.save_for_hf(model, staging, safe_serialization=True)
         _check_no_pickles(staging)
-        digest = sha256_of(staging / WEIGHTS_FILENAME)
+        digest = sha256_file(staging / WEIGHTS_FILENAME)
         params_m = sum(p.numel() for p in model.parameters()) / 1e6
         card = render_model_card(recipe, params_m=params_m, sha256=digest, results=results, results_note=results_note)
         card.save(staging / "README.md")
@@ -124,40 +81,6 @@ def export_for_hub(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
-
-
-CHECKSUMS_FILENAME = "SHA256SUMS"
-
-
-def write_checksums(folder: Path) -> None:
-    """SHA256SUMS (`sha256sum` format) of every other file of an export: what publish verifies before uploading."""
-    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS_FILENAME)
-    (folder / CHECKSUMS_FILENAME).write_text("".join(f"{sha256_of(folder / name)}  {name}\n" for name in files))
-
-
-def read_checksums(folder: Path) -> dict[str, str]:
-    """{file name: SHA-256} from an export's SHA256SUMS; a clear error when it is empty or malformed."""
-    path = folder / CHECKSUMS_FILENAME
-    sums = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        parts = line.split()
-        if len(parts) != 2 or len(parts[0]) != 64:
-            raise ValueError(f"{path} line {number} is not '<sha256>  <file>': {line[:80]!r}; re-export the folder")
-        sums[parts[1].lstrip("*")] = parts[0]
-    if not sums:
-        raise ValueError(f"{path} is empty; re-export the folder with `python -m hub.export`")
-    return sums
-
-
-def verify_checksums(folder: Path) -> dict[str, str]:
-    """Check every file SHA256SUMS lists against its digest; raises naming the first that differs or is missing."""
-    sums = read_checksums(folder)
-    for name, digest in sums.items():
-        if not (folder / name).is_file():
-            raise ValueError(f"{folder / name} is listed in SHA256SUMS but missing: re-export the folder")
-        if sha256_of(folder / name) != digest:
-            raise ValueError(f"{folder / name} does not match its SHA256SUMS: re-export it")
-    return sums
 
 
 def _check_no_pickles(folder: Path) -> None:
@@ -185,6 +108,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from training.cli import run
+    from training.run.cli import run
 
     run(main)

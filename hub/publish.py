@@ -19,8 +19,8 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from dreamteacher_models._timm_registry import WEIGHTS_FILENAME
-
-from .export import CHECKSUMS_FILENAME, RESOLVED_RECIPE_FILENAME, verify_checksums
+from training.run.checksums import CHECKSUMS_FILENAME, verify_checksums
+from training.run.layout import RESOLVED_RECIPE_FILENAME
 
 REQUIRED_FILES = (WEIGHTS_FILENAME, "config.json", "README.md", CHECKSUMS_FILENAME)
 
@@ -88,6 +88,6 @@ def main(argv: list[str] | None = None) -> str | None:
 
 
 if __name__ == "__main__":
-    from training.cli import run
+    from training.run.cli import run
 
     run(main)

@@ -8,7 +8,7 @@
 #   A: stage 1 of scripts/train_fmnist_teacher_gpu.sh continued (--init-from INIT), same architecture
 #   B: channels 32,64,192,192 from scratch      C: channels 32,64,256,256 from scratch
 # Exports, curves and logs are packed into OUT/teachers.tar.part_* (the device tool returns files of 16 MB at most).
-# The probe of each export: python -m training.probe_teacher --teacher EXPORT --timesteps 50 --taps
+# The probe of each export: python training/probe_teacher.py --teacher EXPORT --timesteps 50 --taps
 # up_blocks.1.resnets.1 up_blocks.0.resnets.1 --train-images 60000 --test-images 10000
 set -u
 # the device machine lacks diffusers: its wheels travel in .whl/ (skipped where .whl/ is absent)

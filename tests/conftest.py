@@ -1,4 +1,5 @@
-"""Test-wide settings: offline Hub, few threads, opt-in GPU and network tests."""
+"""Test-wide settings (offline Hub, few threads, opt-in GPU and network tests) and the tiny teacher fixtures that
+several test files share (their helpers and constants are in tests/tiny.py)."""
 
 import os
 import tempfile
@@ -43,3 +44,34 @@ def tracker_runs(monkeypatch):
 
     monkeypatch.setattr(accelerate.Accelerator, "init_trackers", init_trackers)
     return calls
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A tiny teacher folder (tests/tiny.py): unet/ + scheduler/ with 1000 steps."""
+    from tests.tiny import make_tiny_teacher
+
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="module")
+def unet_dir(tmp_path_factory):
+    """A diffusers pipeline-layout folder: unet/ + scheduler/ (500 steps, to prove the config is read)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from tests.tiny import TINY_UNET
+
+    d = tmp_path_factory.mktemp("ddpm")
+    torch.manual_seed(0)
+    UNet2DModel(**TINY_UNET).save_pretrained(d / "unet")
+    DDPMScheduler(num_train_timesteps=500, beta_schedule="linear").save_pretrained(d / "scheduler")
+    return d
+
+
+@pytest.fixture(scope="module")
+def teacher(unet_dir):
+    """The frozen teacher `unet_dir` holds, built with the defaults at timestep 50 (the fmnist normalisation)."""
+    from tests.tiny import MEAN, STD, teacher_config
+    from training.teacher.build import build_teacher
+
+    return build_teacher(teacher_config(unet_dir), MEAN, STD)

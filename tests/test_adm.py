@@ -1,4 +1,4 @@
-"""training/adm.py: ADM (guided-diffusion) -> diffusers UNet2DModel, proven equal against OpenAI's own code.
+"""training/teacher/adm.py: ADM (guided-diffusion) -> diffusers UNet2DModel, proven equal against OpenAI's own code.
 
 Tiny random ADMs (32 px, width 32) are built with guided_diffusion.script_util.create_model, every weight is
 re-drawn (ADM zero-inits its output convs and proj_out, which would hide mapping errors), and the converted model
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import adm
-from training.adm import (
+from training import convert_adm
+from training.teacher.adm import (
     PRESETS,
     ADMFlags,
     adm_level_taps,
@@ -405,8 +405,7 @@ def test_cli_round_trip_loads_with_from_pretrained(tmp_path):
     out = tmp_path / "converted"
     cmd = [
         sys.executable,
-        "-m",
-        "training.adm",
+        "training/convert_adm.py",
         "--checkpoint",
         str(ckpt),
         "--out",
@@ -452,7 +451,7 @@ def test_cli_round_trip_loads_with_from_pretrained(tmp_path):
 
 def test_cli_help_preset_and_errors(tmp_path, capsys, small_sd):
     with pytest.raises(SystemExit) as e:
-        adm.main(["--help"])
+        convert_adm.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     for f in dataclasses.fields(ADMFlags):
@@ -463,11 +462,11 @@ def test_cli_help_preset_and_errors(tmp_path, capsys, small_sd):
     torch.save(small_sd, ckpt)
     # the paper preset against a checkpoint of another shape: exit 2 with the flag named, nothing written
     assert (
-        adm.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--preset", "256x256_diffusion_uncond"]) == 2
+        convert_adm.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--preset", "256x256_diffusion_uncond"]) == 2
     )
     assert "num_channels" in capsys.readouterr().err
     assert (
-        adm.main(
+        convert_adm.main(
             ["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o"), "--preset", "64x64_diffusion"]
         )
         == 2
@@ -475,9 +474,9 @@ def test_cli_help_preset_and_errors(tmp_path, capsys, small_sd):
     assert "missing.pt" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     # preset + explicit overrides
-    args = adm._parser().parse_args(
+    args = convert_adm._parser().parse_args(
         ["--preset", "256x256_diffusion_uncond", "--class-cond", "True", "--dropout", "0.1"]
     )
-    assert adm.flags_from_args(args) == dataclasses.replace(
+    assert convert_adm.flags_from_args(args) == dataclasses.replace(
         PRESETS["256x256_diffusion_uncond"], class_cond=True, dropout=0.1
     )

@@ -5,8 +5,9 @@ import urllib.request
 import pytest
 import torch
 
-from training import adm, adm_fetch
-from training.adm_fetch import OfficialCheckpoint, resolve_adm_name
+from training.run.checksums import sha256_file
+from training.teacher import adm, adm_fetch
+from training.teacher.adm_fetch import OfficialCheckpoint, resolve_adm_name
 
 
 def _files(folder):
@@ -21,7 +22,7 @@ def tiny_official(tmp_path, monkeypatch):
     published = tmp_path / "openai" / "tiny.pt"
     published.parent.mkdir()
     torch.save(_adm(SMALL, seed=3).state_dict(), published)
-    digest = adm_fetch.sha256_file(published)
+    digest = sha256_file(published)
     monkeypatch.setitem(adm.PRESETS, "tiny", SMALL)
     monkeypatch.setitem(adm_fetch.OFFICIAL_CHECKPOINTS, "tiny", OfficialCheckpoint(published.as_uri(), digest))
     monkeypatch.setenv("DREAMTEACHER_CACHE", str(tmp_path / "cache"))
@@ -86,7 +87,7 @@ def test_an_unknown_name_lists_the_known_ones():
 
 def test_a_teacher_named_adm_is_built_from_the_cache(tiny_official):
     from dreamteacher_models.recipes import TeacherConfig
-    from training.teachers import build_teacher
+    from training.teacher.build import build_teacher
 
     config = TeacherConfig(kind="unet", source="adm:tiny", timestep=10, taps=("output_blocks.2",))
     teacher = build_teacher(config, (0.5,) * 3, (0.5,) * 3)

@@ -1,10 +1,9 @@
-"""training/data.py: IDX reading, source resolution, transforms, bad-image skipping, seeded order."""
+"""training/run/data.py: IDX reading, source resolution, transforms, bad-image skipping, seeded order."""
 
 from __future__ import annotations
 
 import gzip
 import logging
-import struct
 
 import numpy as np
 import pytest
@@ -12,34 +11,10 @@ import torch
 from PIL import Image
 
 from dreamteacher_models.recipes import DataConfig, get_recipe
-from training import data
+from tests.tiny import make_fmnist_dir, write_idx
+from training.run import data
 
 FMNIST = get_recipe("resnet18.dreamteacher_fmnist").data
-
-
-def write_idx(path, arr: np.ndarray) -> None:
-    codes = {np.uint8: 0x08, np.int32: 0x0C, np.float32: 0x0D}
-    code = codes[arr.dtype.type]
-    header = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    payload = header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
-    if str(path).endswith(".gz"):
-        with gzip.open(path, "wb") as f:
-            f.write(payload)
-    else:
-        path.write_bytes(payload)
-
-
-def make_fmnist_dir(folder, n=12, gz=True, seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    labels = (np.arange(n) % 10).astype(np.uint8)
-    ext = ".gz" if gz else ""
-    write_idx(folder / f"train-images-idx3-ubyte{ext}", images)
-    write_idx(folder / f"train-labels-idx1-ubyte{ext}", labels)
-    write_idx(folder / f"t10k-images-idx3-ubyte{ext}", images[:4])
-    write_idx(folder / f"t10k-labels-idx1-ubyte{ext}", labels[:4])
-    return images, labels
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -130,7 +105,7 @@ def test_imagefolder_corrupt_image_skipped_and_counted(tmp_path, caplog):
     loader = data.build_dataloader(tds, batch_size=3, shuffle=True, seed=0, drop_last=False)
     counter = data.SkipCounter()
     good = 0
-    with caplog.at_level(logging.WARNING, logger="training.data"):
+    with caplog.at_level(logging.WARNING, logger="training.run.data"):
         for batch in loader:
             counter.update(batch)
             good += batch["pixel_values"].shape[0]
@@ -208,7 +183,7 @@ def test_seeded_order_is_deterministic_and_resumable():
 
 
 def test_a_missing_data_dir_is_never_read_as_a_hub_id_and_an_empty_folder_is_named(tmp_path, monkeypatch):
-    from training.data import data_source, load_image_dataset
+    from training.run.data import data_source, load_image_dataset
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"--data-dir my_images: no such folder"):

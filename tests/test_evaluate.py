@@ -14,19 +14,17 @@ import torch
 
 from hub.export import export_for_hub
 from tests.tiny import write_fashion_mnist, write_idx, write_image_folder
-from training.evaluate import (
+from training.evaluate import main
+from training.protocols.classification import (
     balanced_subset,
     check_fraction,
-    dataset_labels,
-    evaluate,
     extract_features,
     finetune,
     knn_classify,
     linear_probe,
-    load_backbone,
-    main,
-    parse_protocols,
 )
+from training.protocols.evaluation import EvalConfig, dataset_labels, evaluate, parse_protocols
+from training.run.backbones import load_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(ft_epochs=1, ft_batch_size=8, probe_weight_decays=(1e-3,), probe_max_iter=20, progress=False)
@@ -96,17 +94,16 @@ def test_cli_script_runs_all_protocols_and_writes_the_results_json(dark_or_brigh
 
 
 def test_evaluate_is_deterministic_and_subsamples(tiny_fmnist):
-    kwargs = dict(random_init=True, data_dir=str(tiny_fmnist), max_train=30, max_test=10, seed=3, fractions=(0.5,),
-                  **FAST)
-    first = evaluate("resnet18", **kwargs)
-    second = evaluate("resnet18", **kwargs)
+    config = EvalConfig(data_dir=str(tiny_fmnist), max_train=30, max_test=10, seed=3, fractions=(0.5,), **FAST)
+    first = evaluate("resnet18", config, random_init=True)
+    second = evaluate("resnet18", config, random_init=True)
     assert first["results"] == second["results"]
     assert first["details"]["fine-tune"] == second["details"]["fine-tune"]
     assert first["settings"]["train_images"] == 30 and first["settings"]["test_images"] == 10
 
 
 def test_protocol_subset_and_k(tiny_fmnist):
-    report = evaluate("resnet18", protocols="knn", k=5, random_init=True, data_dir=str(tiny_fmnist), **FAST)
+    report = evaluate("resnet18", EvalConfig(protocols="knn", k=5, data_dir=str(tiny_fmnist), **FAST), random_init=True)
     assert list(report["results"]) == ["kNN k=5"]
     assert "linear probe" not in report["seconds"] and "fine-tune 1%" not in report["seconds"]
 
@@ -189,7 +186,7 @@ def test_finetune_trains_the_backbone_not_only_the_head(lr, expected_top1):
 
 def test_extract_features_are_pooled_eval_mode_and_aligned(tiny_fmnist):
     from dreamteacher_models import get_recipe
-    from training.data import ImageDataset, build_dataloader, build_transform, load_idx_dataset
+    from training.run.data import ImageDataset, build_dataloader, build_transform, load_idx_dataset
 
     ds = ImageDataset(load_idx_dataset(tiny_fmnist, "test"),
                       build_transform(get_recipe("resnet18.dreamteacher_fmnist").data, train=False))
@@ -240,7 +237,7 @@ def test_cli_refuses_bad_fraction_and_bad_protocol(capsys):
 
 def test_bad_protocol_error_lists_the_allowed_ones(tiny_fmnist):
     with pytest.raises(ValueError, match="allowed: linear, knn, finetune"):
-        evaluate("resnet18", protocols="linear,segmentation", random_init=True, data_dir=str(tiny_fmnist))
+        evaluate("resnet18", EvalConfig(protocols="linear,segmentation", data_dir=str(tiny_fmnist)), random_init=True)
     assert parse_protocols("finetune, KNN") == ["knn", "finetune"]
 
 
@@ -253,7 +250,7 @@ def test_test_split_without_labels_is_refused(tmp_path):
     write_fashion_mnist(tmp_path, n=6, split="test")
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(ValueError, match="test split has no labels"):
-        evaluate("resnet18", random_init=True, data_dir=str(tmp_path), **FAST)
+        evaluate("resnet18", EvalConfig(data_dir=str(tmp_path), **FAST), random_init=True)
 
 
 def test_dataset_labels_needs_a_label_column():
@@ -267,7 +264,7 @@ def test_image_folder_labeled_only_by_split_names_is_refused(tmp_path):
     write_image_folder(tmp_path / "train", n=4, size=32)
     write_image_folder(tmp_path / "test", n=2, size=32, seed=1)
     with pytest.raises(ValueError, match="single label|no labels"):
-        evaluate("resnet18", random_init=True, data_dir=str(tmp_path), **FAST)
+        evaluate("resnet18", EvalConfig(data_dir=str(tmp_path), **FAST), random_init=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,7 +289,7 @@ def test_local_dir_export_loads_and_evaluates(tiny_fmnist, tmp_path):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), reference(x))  # the exported weights, not a random init
-    report = evaluate(spec, protocols="linear,knn", data_dir=str(tiny_fmnist), **FAST)
+    report = evaluate(spec, EvalConfig(protocols="linear,knn", data_dir=str(tiny_fmnist), **FAST))
     assert report["model"] == spec and report["settings"]["weights"] == "pretrained"
     assert report["settings"]["recipe_source"].startswith("recipe.json")
     assert set(report["results"]) == {"linear probe", "kNN k=20"}
@@ -309,12 +306,12 @@ def test_training_run_checkpoint_loads_student_weights(tiny_fmnist, tmp_path):
     state["regressor.lateral.0.weight"] = torch.zeros(4, 4)  # dropped
     safetensors.torch.save_file(state, step / "model.safetensors")
     (run / "recipe.json").write_text(json.dumps(get_recipe("resnet18.dreamteacher_fmnist").to_dict()))
-    report = evaluate(None, checkpoint=str(run), protocols="knn", data_dir=str(tiny_fmnist), **FAST)
+    report = evaluate(None, EvalConfig(protocols="knn", data_dir=str(tiny_fmnist), **FAST), checkpoint=str(run))
     assert report["settings"]["weights"] == f"checkpoint {run}"
     assert report["settings"]["recipe_source"] == f"recipe.json of {run}"
-    from training.evaluate import resolve_recipe
+    from training.run.backbones import recipe_for_model
 
-    model = load_backbone(None, checkpoint=run, recipe=resolve_recipe(None, None, run)[0])
+    model = load_backbone(None, checkpoint=run, recipe=recipe_for_model(None, None, run)[0])
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x))
@@ -323,7 +320,6 @@ def test_training_run_checkpoint_loads_student_weights(tiny_fmnist, tmp_path):
 def test_a_tampered_export_is_refused_before_it_is_loaded(tmp_path):
     import timm
 
-    from training.evaluate import load_backbone
 
     student = timm.create_model("resnet18", num_classes=0)
     folder = export_for_hub(student.state_dict(), tmp_path / "export", recipe="resnet18.dreamteacher_fmnist")

@@ -9,18 +9,12 @@ import timm
 import torch
 
 from dreamteacher_models import RECIPES, get_recipe
-from hub.export import (
-    _check_no_pickles,
-    build_backbone,
-    export_for_hub,
-    load_student,
-    read_checksums,
-    sha256_of,
-    student_state_dict,
-)
+from hub.export import _check_no_pickles, export_for_hub
 from hub.export import main as export_main
 from hub.publish import check_export, publish
 from tests.hub_cache import populate_hf_cache
+from training.run.backbones import build_backbone, load_student, student_state_dict
+from training.run.checksums import read_checksums, sha256_file
 
 
 def _trained_student(name: str) -> torch.nn.Module:
@@ -85,7 +79,7 @@ def test_model_card_metadata_and_sections(exported):
     sums = read_checksums(folder)
     assert sorted(sums) == ["README.md", "config.json", "model.safetensors", "recipe.json"]
     assert sums["model.safetensors"] in card
-    assert all(sums[name] == sha256_of(folder / name) for name in sums)
+    assert all(sums[name] == sha256_file(folder / name) for name in sums)
 
 
 def test_registered_name_loads_export_via_file_overlay(exported_each):
@@ -303,7 +297,7 @@ def test_cli_card_equals_the_api_card_and_an_explicit_recipe_wins_over_the_runs(
 
 
 def test_mismatch_lists_and_bad_checksum_lines_are_cut_to_a_readable_length(tmp_path):
-    from hub.export import _head
+    from training.run.backbones import _head
 
     assert _head([str(i) for i in range(7)]) == "['0', '1', '2', '3', '4', '5'] ... (7)"
     assert _head(list("abcdef")) == "['a', 'b', 'c', 'd', 'e', 'f'] (6)"

@@ -1,11 +1,11 @@
 """kill -9 both trainers inside checkpoint writes, renames, rotation, metrics and export; every resume completes
-bit-exactly and nothing is lost (benchmarks/fault_injection.py runs every site at more random points)."""
+bit-exactly and nothing is lost (benchmarks/tools/fault_injection.py runs every site at more random points)."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks import fault_injection
+from benchmarks.tools import fault_injection
 
 
 @pytest.mark.slow

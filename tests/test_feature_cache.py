@@ -12,10 +12,9 @@ import torch
 
 import training.pretrain as pretrain
 from dreamteacher_models.recipes import DEFAULT_RECIPE, apply_overrides, get_recipe
-from tests.tiny import make_tiny_teacher, write_fashion_mnist
-from training.data import ImageDataset, build_transform, load_idx_dataset
-from training.distiller import build_distiller, distillation_loss
-from training.feature_cache import (
+from tests.tiny import FakeAccelerator, make_tiny_teacher, write_fashion_mnist
+from training.distill.distiller import build_distiller, distillation_loss
+from training.distill.feature_cache import (
     FeatureCache,
     StaleFeatureCacheError,
     build_feature_cache,
@@ -23,15 +22,11 @@ from training.feature_cache import (
     encoding_generator,
     open_or_build_feature_cache,
 )
-from training.teachers import build_teacher
+from training.run.data import ImageDataset, build_transform, load_idx_dataset
+from training.teacher.build import build_teacher
 
 REPO = Path(__file__).resolve().parent.parent
 STRIDES = {4, 8}  # the Fashion-MNIST recipe's paired teacher taps
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return make_tiny_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +101,7 @@ def test_a_killed_writer_leaves_no_cache_that_passes_as_complete(teacher_dir, id
         import os, signal, sys
         sys.path.insert(0, {str(REPO)!r})
         from tests.test_feature_cache import _dataset, _key, _teacher
-        from training.feature_cache import build_feature_cache
+        from training.distill.feature_cache import build_feature_cache
         teacher, dataset = _teacher({str(teacher_dir)!r}), _dataset({str(idx_dir)!r})
         calls, forward = [0], teacher.forward
         def dying_forward(*args, **kwargs):
@@ -192,18 +187,13 @@ def test_pretrain_with_a_feature_cache_builds_it_once_and_refuses_a_stale_one(tm
 
 def test_the_main_process_builds_the_run_cache_with_a_progress_bar_and_the_others_open_it(
         tmp_path, teacher_dir, idx_dir, capsys, monkeypatch):
-    from types import SimpleNamespace
-
     teacher, dataset, waits = _teacher(teacher_dir), _dataset(idx_dir), []
-
-    def accelerator(main: bool):
-        return SimpleNamespace(is_main_process=main, is_local_main_process=main,
-                               wait_for_everyone=lambda: waits.append(main))
 
     def open_cache(main: bool, *data):
         args = pretrain.parse_args(["--teacher", str(teacher_dir), *data, "--feature-cache", str(tmp_path / "cache"),
                                     "--cache-encodings", "1"])
-        return pretrain.open_feature_cache(args, pretrain.resolve_recipe(args), teacher, dataset, accelerator(main))
+        accelerator = FakeAccelerator(main, waits)
+        return pretrain.open_feature_cache(args, pretrain.recipe_from_args(args), teacher, dataset, accelerator)
 
     with pytest.raises(FileNotFoundError, match="is not a teacher-feature cache"):  # the main process has not built it
         open_cache(False, "--data-dir", str(idx_dir))

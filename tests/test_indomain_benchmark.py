@@ -1,4 +1,4 @@
-"""benchmarks/indomain_fmnist.py end to end on tiny data: every method pretrains, every protocol is reported."""
+"""benchmarks/experiments/indomain_fmnist.py end to end on tiny data: every method pretrains, every protocol is reported."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ pytest.importorskip("lightly")
 
 @pytest.mark.slow
 def test_indomain_benchmark_tiny(tmp_path, capsys):
-    from benchmarks import indomain_fmnist as bench
+    from benchmarks.experiments import indomain_fmnist as bench
 
     data = write_fashion_mnist(tmp_path / "data", n=64, split="train")
     write_fashion_mnist(data, n=32, seed=1, split="test")
@@ -64,7 +64,7 @@ def test_indomain_benchmark_tiny(tmp_path, capsys):
 
 
 def test_indomain_benchmark_rejects_unknown_method():
-    from benchmarks import indomain_fmnist as bench
+    from benchmarks.experiments import indomain_fmnist as bench
 
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "random,moco"])
@@ -74,7 +74,7 @@ def test_indomain_benchmark_rejects_unknown_method():
 
 
 def test_indomain_table_has_a_mean_row_per_method_with_two_seeds():
-    from benchmarks import indomain_fmnist as bench
+    from benchmarks.experiments import indomain_fmnist as bench
 
     def entry(method, seed, top1):
         keys = bench.protocol_keys()
@@ -89,7 +89,7 @@ def test_indomain_table_has_a_mean_row_per_method_with_two_seeds():
 
 
 def test_indomain_resume_refuses_other_settings_and_keeps_finished_entries(tmp_path):
-    from benchmarks import indomain_fmnist as bench
+    from benchmarks.experiments import indomain_fmnist as bench
 
     settings = {k: 1 for k in bench.RESUME_SETTINGS}
     old = {"settings": settings, "methods": {"random/seed0": {"method": "random"}}, "calibration": {"simclr": {}},
@@ -107,7 +107,7 @@ def test_indomain_resume_refuses_other_settings_and_keeps_finished_entries(tmp_p
 
 
 def test_steps_from_takes_an_earlier_runs_step_counts_at_the_same_budget_only(tmp_path):
-    from benchmarks import indomain_fmnist as bench
+    from benchmarks.experiments import indomain_fmnist as bench
 
     settings = {"budget_minutes": 30, "batch_size": 128, "pretrain_images": None, "threads": 2, "device": "cpu"}
     calib = {"dreamteacher": {"steps_timed": 6, "seconds_per_step": 1.05, "steps": 1711},
@@ -128,9 +128,9 @@ def test_steps_from_takes_an_earlier_runs_step_counts_at_the_same_budget_only(tm
 
 
 def test_a_run_with_steps_from_trains_those_steps_without_timing_anything(tmp_path, monkeypatch):
-    from benchmarks import indomain_fmnist as bench
-    from training import evaluate as evaluate_module
-    from training import teachers
+    from benchmarks.experiments import indomain_fmnist as bench
+    from training.protocols import evaluation as evaluate_module
+    from training.teacher import build as teacher_build
 
     out = tmp_path / "out"
     out.mkdir()
@@ -154,7 +154,7 @@ def test_a_run_with_steps_from_trains_those_steps_without_timing_anything(tmp_pa
     monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: evaluation)
     monkeypatch.setattr(bench, "load_pretrain_images", lambda args, recipe: [None] * 64)
     monkeypatch.setattr(bench, "matmul_gflops", lambda: 1.0)
-    monkeypatch.setattr(teachers, "build_teacher", lambda *a, **k: "teacher")
+    monkeypatch.setattr(teacher_build, "build_teacher", lambda *a, **k: "teacher")
     bench.main(["--budget-minutes", "30", "--batch-size", "16", "--threads", "1", "--device", "cpu",
                 "--methods", "dreamteacher:0", "--steps-from", "b30", "--tag", "new", "--out-dir", str(out),
                 "--work-dir", str(tmp_path / "work"), "--no-progress"])

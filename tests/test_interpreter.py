@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.interpreter import DenseInterpreter, PooledInterpreter, interpreter_loss
+from training.labels.interpreter import DenseInterpreter, PooledInterpreter, interpreter_loss
 
 LAYOUTS = {
     "fmnist (strides 4, 8)": {4: 16, 8: 32},

@@ -9,17 +9,15 @@ import safetensors.torch
 import torch
 
 import training.pretrain as pretrain
-from tests.tiny import make_tiny_teacher, write_fashion_mnist
+from tests.tiny import make_teacher_and_fmnist
 from training import train_interpreter
-from training.label_distill import label_distillation_loss, load_interpreter
+from training.labels.task_head import label_distillation_loss, load_interpreter
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ld")
-    data = write_fashion_mnist(root / "data", n=40)
-    write_fashion_mnist(data, n=16, seed=1, split="test")
-    teacher = make_tiny_teacher(root / "teacher")
+    teacher, data = make_teacher_and_fmnist(root)
     interpreters = {}
     for task, extra in (("classes", ["--labels-fraction", "0.5"]), ("fmnist-masks", ["--labels", "8"])):
         interpreters[task] = train_interpreter.main(
@@ -63,7 +61,7 @@ def test_an_interpreter_for_other_taps_or_t_is_refused(tmp_path, setup):
 
 def test_the_interpreter_loads_frozen(setup):
     from dreamteacher_models.recipes import DEFAULT_RECIPE, get_recipe
-    from training.teachers import build_teacher
+    from training.teacher.build import build_teacher
 
     recipe = get_recipe(DEFAULT_RECIPE)
     teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, source=str(setup[0]))

@@ -1,4 +1,4 @@
-"""benchmarks/label_distill_fmnist.py end to end on tiny data: every method runs and is reported."""
+"""benchmarks/experiments/label_distill_fmnist.py end to end on tiny data: every method runs and is reported."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ pytest.importorskip("lightly")
 
 @pytest.mark.slow
 def test_label_distill_benchmark_tiny(tmp_path):
-    from benchmarks import label_distill_fmnist as bench
+    from benchmarks.experiments import label_distill_fmnist as bench
 
     data = write_fashion_mnist(tmp_path / "data", n=1000)
     write_fashion_mnist(data, n=32, seed=1, split="test")

@@ -5,15 +5,14 @@ import math
 import pytest
 import torch
 
-from training.losses import (
+from training.distill.losses import (
     attention_map,
     attention_transfer_loss,
-    dice_loss,
     feature_distillation_loss,
     feature_mse_loss,
     layer_norm_features,
-    soft_cross_entropy_loss,
 )
+from training.labels.losses import dice_loss, soft_cross_entropy_loss
 
 
 @pytest.fixture
@@ -159,14 +158,14 @@ def test_a_1x1_level_has_no_attention_transfer_term(gen):
 def test_the_recipes_loss_settings_reach_the_loss(gen):
     """distillation_loss passes the recipe's norm_axes and weights on: each one changes the result."""
     from dreamteacher_models.recipes import LossConfig
-    from training.pairing import LevelPair
+    from training.distill.pairing import LevelPair
 
     pairs = [LevelPair(student_stride=4, teacher_stride=4, teacher_channels=3)]
     predictions = [torch.randn(2, 3, 4, 4, generator=gen)]
     teacher = {4: torch.randn(2, 3, 4, 4, generator=gen) * torch.linspace(0.5, 2, 4)}  # a per-pixel scale
 
     def total(**kw):
-        from training.distiller import distillation_loss
+        from training.distill.distiller import distillation_loss
 
         return distillation_loss(predictions, teacher, pairs, LossConfig(**kw))["loss"].item()
 

@@ -1,10 +1,24 @@
-"""benchmarks/mutation_score.py: which surviving mutants count as changing only argparse's printed text."""
+"""benchmarks/tools/mutation_score.py: which surviving mutants count as changing only argparse's printed text, and
+whether its module table, test selections and equivalent-mutant names still match the repository's layout."""
 
 from __future__ import annotations
 
+import ast
 import textwrap
 
-from benchmarks.mutation_score import changes_cli_text_only, first_pass_patterns, wilson_interval
+import pytest
+
+from benchmarks.tools import mutation_score
+from benchmarks.tools.mutation_score import (
+    EQUIVALENT,
+    MODULES,
+    REPO,
+    changes_cli_text_only,
+    first_pass_patterns,
+    pytest_selection,
+    sample_probe_pattern,
+    wilson_interval,
+)
 
 MUTANTS = textwrap.dedent('''
     def x_parse_args__mutmut_orig(argv):
@@ -118,9 +132,73 @@ def test_the_first_pass_takes_every_function_that_passes_no_argparse_text(tmp_pa
     assert first_pass_patterns(tmp_path, "pkg/cli.py") == ["pkg.cli.x_train__mutmut_*",
                                                            "pkg.cli.xǁTrainerǁrun__mutmut_*"]
     assert first_pass_patterns(tmp_path, "pkg") == []  # a package's first pass takes everything
+    # a sampled run's first pass tests each function's first mutant only (the first function may have none)
+    assert sample_probe_pattern("pkg/cli.py") == "pkg.cli.*__mutmut_1"
+    assert sample_probe_pattern("pkg") == "pkg.*__mutmut_1"
 
 
 def test_a_sampled_score_comes_with_its_wilson_interval():
     low, high = wilson_interval(270, 300)  # 90% of 300 sampled mutants killed
     assert round(low, 2) == 86.08 and round(high, 2) == 92.91
     assert wilson_interval(10, 10)[1] == 100.0 and wilson_interval(0, 0) == (0.0, 100.0)
+
+
+def test_repo_is_the_repository_root():
+    assert (REPO / "pyproject.toml").is_file() and (REPO / "benchmarks" / "tools" / "mutation_score.py").is_file()
+
+
+def test_every_module_exists_and_matches_pyproject_only_mutate():
+    tomllib = pytest.importorskip("tomllib")
+    only_mutate = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
+    for module in MODULES:
+        assert (REPO / module).is_file() or (REPO / module / "__init__.py").is_file(), module
+    assert sorted(only_mutate) == sorted(f"{m}/*" if (REPO / m).is_dir() else m for m in MODULES)
+
+
+def test_every_test_selection_matches_files():
+    for module in MODULES:
+        selection = pytest_selection(module)
+        files = [a.partition("::")[0] for i, a in enumerate(selection)
+                 if a != "--deselect" and (i == 0 or selection[i - 1] != "--deselect")]
+        assert files and all((REPO / f).is_file() for f in files), (module, selection)
+
+
+def test_a_glob_selection_expands_and_a_stale_one_stops_the_tool(tmp_path, monkeypatch):
+    (tmp_path / "tests").mkdir()
+    for name in ("test_teacher_taps.py", "test_teacher_sources.py", "test_other.py"):
+        (tmp_path / "tests" / name).write_text("")
+    monkeypatch.setattr(mutation_score, "MODULES", {
+        "a.py": ["tests/test_teacher_*.py", "tests/test_teacher_taps.py", "tests/test_other.py::test_x"],
+        "b.py": ["tests/test_teachers.py"], "c.py": ["tests/test_gone_*.py"]})
+    monkeypatch.setattr(mutation_score, "SCRIPT_TESTS", {"a.py": ["tests/test_other.py::test_script"]})
+    assert pytest_selection("a.py", tmp_path) == [
+        "tests/test_teacher_sources.py", "tests/test_teacher_taps.py", "tests/test_other.py::test_x",
+        "--deselect", "tests/test_other.py::test_script"]
+    for stale in ("b.py", "c.py"):
+        with pytest.raises(SystemExit, match="matches no file"):
+            pytest_selection(stale, tmp_path)
+
+
+def _defined_functions(path) -> set[str]:
+    """mutmut's mangled names of a module's top-level functions and methods: x_f, xǁClassǁmethod."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.add(f"x_{node.name}")
+        elif isinstance(node, ast.ClassDef):
+            names |= {f"xǁ{node.name}ǁ{f.name}" for f in node.body
+                      if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return names
+
+
+def test_every_equivalent_mutant_names_a_mutated_module_and_an_existing_function():
+    dotted = {m.removesuffix(".py").replace("/", "."): m for m in MODULES}
+    for name in EQUIVALENT:
+        module, _, function = name.rpartition(".")
+        function = function.rpartition("__mutmut_")[0]
+        package = next((d for d in dotted if module == d or (not dotted[d].endswith(".py")
+                                                            and module.startswith(d + "."))), None)
+        assert package is not None, f"{name}: its module is not one MODULES mutates"
+        path = REPO / (module.replace(".", "/") + ".py")
+        assert path.is_file(), f"{name}: no {path.relative_to(REPO)}"
+        assert function in _defined_functions(path), f"{name}: no {function} in {path.relative_to(REPO)}"

@@ -1,4 +1,4 @@
-"""Teacher taps paired with student levels by stride (training/pairing.py), through the real timm students."""
+"""Teacher taps paired with student levels by stride (training/distill/pairing.py), through the real timm students."""
 
 import dataclasses
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from dreamteacher_models.recipes import get_recipe
-from training.distiller import build_distiller, distillation_loss
-from training.pairing import LevelPair, pair_levels, pooled_targets
-from training.regressor import build_student, student_levels
+from training.distill.distiller import build_distiller, distillation_loss
+from training.distill.pairing import LevelPair, pair_levels, pooled_targets
+from training.distill.regressor import student_levels
+from training.run.backbones import build_backbone
 
 ADM256 = {4: 512, 8: 512, 16: 1024, 32: 1024}  # ADM-256 output blocks 11/8/5/2: stride -> channels
 FMNIST_UNET = {1: 32, 2: 64, 4: 128, 8: 128}  # the committed 4-level 32-px teacher
@@ -16,7 +17,7 @@ SD_LIKE = {8: 320, 16: 640, 32: 1280, 64: 1280}  # latent UNet levels x the VAE'
 
 
 def _strides(arch):
-    return sorted(student_levels(build_student(arch), arch))
+    return sorted(student_levels(build_backbone(arch), arch))
 
 
 def _pairs(pairs):
@@ -108,8 +109,6 @@ def test_the_recipes_regressor_width_bins_and_unpaired_levels_shape_the_distille
 @pytest.mark.parametrize(("zero_init_last", "gamma"), [(True, 0.0), (False, 1.0), (None, 0.0)])
 def test_the_recipes_zero_init_last_reaches_the_student(zero_init_last, gamma):
     """resnet's last BN gamma of every block: 0 with zero_init_last, 1 without; None keeps timm's default (0)."""
-    from training.distiller import build_recipe_student
-
     recipe = dataclasses.replace(get_recipe("resnet18.dreamteacher_fmnist"), zero_init_last=zero_init_last)
-    student = build_recipe_student(recipe)
+    student = build_backbone(recipe)
     assert all(block.bn2.weight.eq(gamma).all() for block in student.layer1)

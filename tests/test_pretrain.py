@@ -15,14 +15,9 @@ import torch
 
 import training.pretrain as pretrain
 from dreamteacher_models.recipes import UnknownRecipeError
-from tests.tiny import make_tiny_teacher, write_fashion_mnist, write_image_folder
+from tests.tiny import write_fashion_mnist, write_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return make_tiny_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +142,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
     assert not (tmp_path / "run" / "export").exists()
     calls["n"] = 0  # a run that turns NaN before its first checkpoint has none to name
     with pytest.raises(FloatingPointError, match=r"Last checkpoint \(finite weights\): none\. Lower the learning rate "
-                                                 r"\(--lr\) or run in fp32 \(--mixed_precision no\), then --resume "
+                                                 r"\(--lr\) or run in fp32 \(--mixed-precision no\), then --resume "
                                                  r"latest$"):
         pretrain.main(_args(tmp_path / "fresh", teacher_dir, idx_dir, "--max-steps", "6", "--checkpoint-every", "4"))
 
@@ -237,9 +232,9 @@ def test_process_layouts_1x1_1x2_2x1_train_the_same_steps(tmp_path, teacher_dir,
 
 
 def test_no_argument_default_uses_the_fmnist_recipe_and_the_committed_teacher(tmp_path, monkeypatch):
-    import training.data
+    import training.run.data
 
-    monkeypatch.setattr(training.data, "DEBIAN_FASHION_MNIST_DIR", write_fashion_mnist(tmp_path / "debian", n=32))
+    monkeypatch.setattr(training.run.data, "DEBIAN_FASHION_MNIST_DIR", write_fashion_mnist(tmp_path / "debian", n=32))
     monkeypatch.chdir(tmp_path)  # the recipe's relative teacher folder is found in the repo from anywhere
     # One thread, as in every in-process test (the every-core default is checked by the accelerate launch test): a
     # thread pool started here outlives the test, and a process forked after it (mutmut's) deadlocks in its first op.
@@ -385,8 +380,8 @@ def test_feature_picture_shows_seeded_teacher_targets_beside_eval_mode_predictio
     the main process draws, only when there are images."""
     from types import SimpleNamespace
 
-    import training.visualize
-    from training.pairing import LevelPair
+    import training.distill.pictures
+    from training.distill.pairing import LevelPair
 
     pairs = [LevelPair(student_stride=4, teacher_stride=2, teacher_channels=3),
              LevelPair(student_stride=8, teacher_stride=8, teacher_channels=5)]
@@ -412,7 +407,7 @@ def test_feature_picture_shows_seeded_teacher_targets_beside_eval_mode_predictio
     def accelerator(main_process=True):
         return SimpleNamespace(is_main_process=main_process, device=torch.device("cpu"), unwrap_model=lambda m: m)
 
-    monkeypatch.setattr(training.visualize, "save_feature_comparison", lambda *a, **k: drawn.append((a, k)))
+    monkeypatch.setattr(training.distill.pictures, "save_feature_comparison", lambda *a, **k: drawn.append((a, k)))
     images = torch.randn(2, 1, 16, 16)
     for main_process, was_training in ((True, True), (True, False), (False, True)):
         student = Student().train(was_training)
@@ -433,7 +428,7 @@ def test_feature_picture_shows_seeded_teacher_targets_beside_eval_mode_predictio
 def test_build_data_takes_the_sources_limit_and_training_augmentation(tmp_path, teacher_dir, idx_dir, monkeypatch):
     def build(*extra):
         args = pretrain.parse_args(["--teacher", str(teacher_dir), "--data-dir", str(idx_dir), *extra])
-        return pretrain.build_data(args, pretrain.resolve_recipe(args), accelerator=None)
+        return pretrain.build_data(args, pretrain.recipe_from_args(args), accelerator=None)
 
     def views(dataset, index=3):  # one item under 16 augmentation seeds
         return {dataset[(index, seed)]["pixel_values"].numpy().tobytes() for seed in range(16)}
@@ -449,7 +444,7 @@ def test_build_data_takes_the_sources_limit_and_training_augmentation(tmp_path, 
     sources = []
     monkeypatch.setattr(pretrain, "load_image_dataset", lambda source, **kw: sources.append(source) or [])
     args = pretrain.parse_args(["--teacher", str(teacher_dir), "--dataset", "someone/their-images"])
-    pretrain.build_data(args, pretrain.resolve_recipe(args), accelerator=None)
+    pretrain.build_data(args, pretrain.recipe_from_args(args), accelerator=None)
     assert sources == ["someone/their-images"]
 
 

@@ -4,7 +4,13 @@ import pytest
 import timm
 import torch
 
-from training.regressor import FeatureRegressor, build_student, select_pyramid_indices, student_levels, student_pyramid
+from training.distill.regressor import (
+    FeatureRegressor,
+    select_pyramid_indices,
+    student_levels,
+    student_pyramid,
+)
+from training.run.backbones import build_backbone
 
 TEACHER_CHANNELS = (8, 8, 16, 16)  # stand-in for ADM's (512, 512, 1024, 1024), finest first
 
@@ -12,7 +18,7 @@ TEACHER_CHANNELS = (8, 8, 16, 16)  # stand-in for ADM's (512, 512, 1024, 1024), 
 @pytest.mark.parametrize(("arch", "stem"), [("resnet18", True), ("resnet50", True), ("convnext_atto", False),
                                             ("efficientnet_b0", True), ("regnetx_002", True)])
 def test_student_levels_by_stride_and_regressor_shapes(arch, stem):
-    student = build_student(arch).eval()
+    student = build_backbone(arch).eval()
     levels = student_levels(student, arch)
     assert sorted(levels) == ([2] if stem else []) + [4, 8, 16, 32]
     assert all(student.feature_info[i]["reduction"] == s for s, (i, _) in levels.items())
@@ -56,7 +62,7 @@ def test_top_down_path_carries_coarse_context_into_the_finest_prediction():
 
 
 def test_gradients_reach_every_regressor_parameter_with_1x1_c5():
-    student = build_student("resnet18")
+    student = build_backbone("resnet18")
     levels = student_levels(student)
     feats = student_pyramid(student, torch.randn(2, 3, 32, 32), [levels[s][0] for s in (4, 8, 16, 32)])
     assert tuple(feats[-1].shape[-2:]) == (1, 1)  # PPM pools a 1x1 map to 6x6
@@ -78,7 +84,7 @@ def test_arch_without_pyramid_is_rejected_with_its_reductions():
     with pytest.raises(ValueError, match=r"toy.*stride\(s\) \[16, 32\].*\[2, 4, 8\]"):
         select_pyramid_indices([2, 4, 8], arch="toy")
     with pytest.raises(ValueError, match=r"vit_tiny_patch16_224.*\[16, 16, 16"):
-        build_student("vit_tiny_patch16_224", img_size=32)
+        student_levels(build_backbone("vit_tiny_patch16_224", img_size=32), "vit_tiny_patch16_224")
 
 
 def test_regressor_rejects_wrong_inputs():
@@ -118,12 +124,12 @@ def test_pyramid_pooling_pools_each_branch_to_its_bin_and_the_width_defaults_to_
     assert regressor.ppm(x).shape == (2, 256, 12, 12)
 
 
-def test_build_student_passes_pretrained_and_timm_arguments_on(monkeypatch):
+def test_build_backbone_passes_timm_arguments_on(monkeypatch):
     calls = []
     real = timm.create_model
     monkeypatch.setattr(timm, "create_model", lambda *a, **kw: calls.append((a, kw)) or real(a[0]))
-    build_student("resnet18", pretrained=True, zero_init_last=False)
-    assert calls == [(("resnet18",), {"pretrained": True, "num_classes": 0, "zero_init_last": False})]
+    build_backbone("resnet18", zero_init_last=False)
+    assert calls == [(("resnet18",), {"pretrained": False, "num_classes": 0, "zero_init_last": False})]
 
 
 def test_a_model_without_timm_feature_info_is_rejected_by_name():

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from training.schedule import cosine_with_warmup
+from training.run.schedule import cosine_with_warmup
 
 
 @pytest.mark.parametrize(("step", "expected"), [(0, 0.5), (1, 1.0), (2, 1.0), (6, 0.5), (10, 0.0), (12, 0.0)])

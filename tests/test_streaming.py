@@ -20,11 +20,11 @@ RANK_SCRIPT = textwrap.dedent("""
     import hashlib, json, sys
     from accelerate import Accelerator
     import training.pretrain as pretrain
-    from training.data import build_dataloader
+    from training.run.data import build_dataloader
 
     data_dir, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
     args = pretrain.parse_args(["--data-dir", data_dir, "--streaming", "--num-workers", str(workers)])
-    recipe = pretrain.resolve_recipe(args)
+    recipe = pretrain.recipe_from_args(args)
     accelerator = Accelerator()
 
     def epoch(skip=0, stop=None):  # the images of epoch 1 as the trainer reads them, from a fresh loader

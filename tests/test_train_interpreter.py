@@ -9,7 +9,7 @@ import safetensors.torch
 
 from tests.tiny import make_tiny_teacher, write_fashion_mnist
 from training import train_interpreter
-from training.interpreter import DenseInterpreter, PooledInterpreter
+from training.labels.interpreter import DenseInterpreter, PooledInterpreter
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,9 @@ def _run(out, setup, *extra):
 
 @pytest.mark.parametrize("task, kind", [("classes", PooledInterpreter), ("fmnist-masks", DenseInterpreter)])
 def test_both_tasks_train_validate_and_export(tmp_path, setup, task, kind):
-    from training.data import load_idx_dataset
-    from training.evaluate import balanced_subset, dataset_labels
+    from training.protocols.classification import balanced_subset
+    from training.protocols.evaluation import dataset_labels
+    from training.run.data import load_idx_dataset
 
     labeled = len(balanced_subset(dataset_labels(load_idx_dataset(setup[1])), 0.5)) if task == "classes" else 8
     extra = ["--labels-fraction", "0.5"] if task == "classes" else ["--labels", "8"]
@@ -56,7 +57,7 @@ def test_masks_come_from_the_image_and_flip_with_it(setup):
     import torch
 
     from dreamteacher_models.recipes import DEFAULT_RECIPE, get_recipe
-    from training.data import build_transform, load_idx_dataset
+    from training.run.data import build_transform, load_idx_dataset
 
     recipe = get_recipe(DEFAULT_RECIPE)
     hf = load_idx_dataset(setup[1])
@@ -95,8 +96,8 @@ def test_the_benchmark_loader_reads_the_layout_and_names_bad_masks(tmp_path):
     import numpy as np
 
     from dreamteacher_models.recipes import DEFAULT_RECIPE, get_recipe
-    from training.data import build_transform
-    from training.dense_labels import MaskedImages, num_classes_of, split_folder
+    from training.labels.dense_masks import MaskedImages, num_classes_of, split_folder
+    from training.run.data import build_transform
 
     root = _benchmark_replica(tmp_path / "cat_15", classes=15)
     assert num_classes_of(root, None) == 15 and num_classes_of(tmp_path, 7) == 7

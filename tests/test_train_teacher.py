@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.test_data import make_fmnist_dir
+from tests.tiny import make_fmnist_dir
 from training import train_teacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_train_export_and_rotation(tmp_path, idx_dir):
 
     out = tmp_path / "run"
     export = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(out), "--max-steps", "6",
-                                 "--checkpoint-every", "2", "--checkpoints-total-limit", "2", "--fp16-export", *TINY])
+                                 "--checkpoint-every", "2", "--keep-checkpoints", "2", "--fp16-export", *TINY])
     assert export == out / "export"
     unet = UNet2DModel.from_pretrained(export / "unet", torch_dtype=torch.float32)
     assert unet.config.block_out_channels == (8, 8, 16, 16) or list(unet.config.block_out_channels) == [8, 8, 16, 16]
@@ -107,8 +107,8 @@ def test_lr_follows_the_cosine_once_per_optimizer_step_with_accumulation_and_res
     # 4 micro-batches per epoch, accumulation 3: optimizer steps of 3 + 1 micro-batches (Accelerate syncs at the end
     # of the loader), so 2 steps per epoch; a resume after step 3 must continue mid-epoch 1, not at its start
     common = ["--data-dir", str(idx_dir), "--max-steps", "6", "--checkpoint-every", "3",
-              "--gradient-accumulation-steps", "3", "--lr-warmup-steps", "0", "--lr", "1e-3",
-              "--block-out-channels", "8,8,16,16", "--norm-num-groups", "4", "--batch-size", "8",
+              "--per-device-batch-size", "8", "--lr-warmup-steps", "0", "--lr", "1e-3",
+              "--block-out-channels", "8,8,16,16", "--norm-num-groups", "4", "--batch-size", "24",
               "--num-samples", "4", "--sample-steps", "2"]
     full = tmp_path / "full"
     train_teacher.main([*common, "--output-dir", str(full), "--seed", "3", "--log-every", "1"])
@@ -134,7 +134,7 @@ def test_lr_follows_the_cosine_once_per_optimizer_step_with_accumulation_and_res
     with pytest.raises(ValueError, match=r"batch_per_device: 8 in the checkpoint, 4 now; .*seed: 3 in the "
                                          r"checkpoint, 4 now.*--allow-resume-mismatch"):
         train_teacher.main([*common, "--output-dir", str(part), "--seed", "4", "--log-every", "1", "--batch-size",
-                            "4", "--resume", str(part / "checkpoints" / "step_3")])
+                            "12", "--per-device-batch-size", "4", "--resume", str(part / "checkpoints" / "step_3")])
 
 
 def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints(tmp_path, idx_dir):
@@ -191,7 +191,7 @@ def test_nan_loss_stops_before_the_optimizer_step(idx_dir, tmp_path, monkeypatch
             return loss * float("nan") if calls["n"] == 2 else loss
 
     monkeypatch.setattr(train_teacher, "F", NanOnSecondStep())
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2; stopped before the optimizer step.*"
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2 \(micro-batch 2\); stopped before the optimizer step.*"
                                                  r"step_1"):
         train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "3",
                             "--checkpoint-every", "1", *TINY])
@@ -388,7 +388,7 @@ def test_minute_based_checkpoints_and_stop_follow_the_training_clock(tmp_path, i
     run = tmp_path / "every"
     train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(run), "--max-steps", "6",
                         "--checkpoint-every", "100", "--checkpoint-every-minutes", "2",
-                        "--checkpoints-total-limit", "10", *TINY])
+                        "--keep-checkpoints", "10", *TINY])
     # due once 2 minutes passed since the last checkpoint (steps 2 and 4), and at the end
     assert sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").iterdir()) == [2, 4, 6]
 
@@ -462,7 +462,7 @@ def test_each_step_draws_fresh_seeded_noise_and_timesteps_and_logs_every_n_steps
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 5]  # every 2nd step, and the last
     readme = (tmp_path / "a" / "export" / "README.md").read_text()
-    assert "| images seen | 40 |" in readme and "| batch size (global) | 8 x 1 process(es) |" in readme
+    assert "| images seen | 40 |" in readme and "| batch size (global) | 8 over 1 process(es) |" in readme
     assert "| initialized from | random weights |" in readme and "prior training" not in readme
 
 
@@ -536,7 +536,7 @@ def test_export_readme_records_the_launch_loss_precision_and_wall_time(monkeypat
     state.wall_s, state.step = 150.0, 12
     unet = torch.nn.Linear(999, 1000)  # 1.00 M parameters
     readme = train_teacher._readme(args, ["--data-dir", "d"], state, 0.123456, unet)
-    assert "| command | `python training/train_teacher.py --data-dir d` |" in readme
+    assert "| command | `accelerate launch --num_processes 1 training/train_teacher.py --data-dir d` |" in readme
     assert "| last logged loss | 0.1235 |" in readme and "| wall time | 2.5 min |" in readme
     assert "| optimizer steps | 12 |" in readme and "1.00 M parameters" in readme
     assert "Weights are the EMA weights;" in readme  # fp32 unless --fp16-export
@@ -546,7 +546,7 @@ def test_export_readme_records_the_launch_loss_precision_and_wall_time(monkeypat
     monkeypatch.setenv("WORLD_SIZE", "2")
     readme = train_teacher._readme(args, ["--data-dir", "d"], state, 0.1, unet)
     assert "| command | `accelerate launch --num_processes 2 training/train_teacher.py --data-dir d` |" in readme
-    assert f"| batch size (global) | {args.batch_size} x 2 process(es) |" in readme
+    assert f"| batch size (global) | {args.batch_size} over 2 process(es) |" in readme
 
 
 def test_the_script_logs_at_info(tmp_path, idx_dir, monkeypatch):
@@ -586,7 +586,7 @@ def test_each_micro_batch_gets_noise_and_timesteps_seeded_by_formula_on_images_i
 def test_command_line_defaults_and_choices():
     args = train_teacher.parse_args(["--data-dir", "d"])
     assert (args.norm_num_groups, args.lr_warmup_steps, args.num_samples, args.seed) == (32, 200, 16, 0)
-    assert (args.allow_resume_mismatch, args.mixed_precision, args.resume) == (False, "no", None)
+    assert (args.allow_resume_mismatch, args.mixed_precision, args.resume) == (False, None, None)  # the launcher's
     assert train_teacher.parse_args(["--data-dir", "d", "--allow-resume-mismatch"]).allow_resume_mismatch is True
     for precision in ("fp16", "bf16"):
         args = train_teacher.parse_args(["--data-dir", "d", "--mixed-precision", precision])

@@ -42,7 +42,12 @@ from dreamteacher_models.recipes import (
     recipe_from_dict,
 )
 from hub.export import export_for_hub
-from training.data import (
+from training.distill.distiller import build_distiller, distillation_loss
+from training.distill.feature_cache import FeatureCache, cache_key, open_or_build_feature_cache
+from training.distill.pairing import describe_pairs
+from training.distill.regressor import student_levels
+from training.labels.task_head import build_task_head, label_distillation_loss, load_interpreter, save_task_head
+from training.run.data import (
     ImageDataset,
     StreamingImageDataset,
     build_dataloader,
@@ -51,29 +56,24 @@ from training.data import (
     load_image_dataset,
     split_streaming,
 )
-from training.distiller import build_distiller, distillation_loss
-from training.feature_cache import FeatureCache, cache_key, open_or_build_feature_cache
-from training.hardware import cpu_threads_per_process
-from training.label_distill import build_task_head, label_distillation_loss, load_interpreter, save_task_head
-from training.pairing import describe_pairs
-from training.regressor import student_levels
-from training.run_layout import (
+from training.run.guards import stop_if_not_finite
+from training.run.hardware import cpu_threads_per_process
+from training.run.layout import (
     RESOLVED_RECIPE_FILENAME,
     append_metrics,
-    check_resume_facts,
-    cut_metrics_to_step,
     find_resume_checkpoint,
-    latest_checkpoint,
     refuse_fresh_run_over_checkpoints,
     remove_leftovers,
+    resume_checkpoint,
     save_checkpoint,
     write_text_atomic,
 )
-from training.schedule import TrainState, cosine_with_warmup
-from training.teachers import build_teacher, describe_taps
+from training.run.schedule import TrainState, cosine_with_warmup, noise_seed, plan_batches
+from training.teacher.build import build_teacher
+from training.teacher.sources import teacher_source
+from training.teacher.taps import describe_taps
 
 logger = logging.getLogger("dreamteacher.pretrain")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,10 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     teacher.add_argument("--interpreter", metavar="DIR",
                          help="mix-distillation: the interpreter folder from training/train_interpreter.py (sets "
                               "recipe.label_distill.interpreter); the student gets a task head learning its soft "
-                              "labels (training/label_distill.py)")
+                              "labels (training/labels/task_head.py)")
     teacher.add_argument("--feature-cache", metavar="DIR",
                          help="opt-in: read the teacher's features from a cache of K encodings per image at DIR, "
-                              "built there first when missing (training/feature_cache.py: a deviation from the "
+                              "built there first when missing (training/distill/feature_cache.py: a deviation from the "
                               "paper's online encoding, for multi-epoch runs on small datasets)")
     teacher.add_argument("--cache-encodings", type=int, default=2,
                          help="K, the stochastic encodings cached per image (default 2)")
@@ -115,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="micro-batch per process; gradients accumulate to reach the global batch (default: "
                           "global batch / processes, capped at 128)")
     run.add_argument("--lr", type=float, help="peak learning rate (the recipe's optim.lr)")
+    run.add_argument("--max-grad-norm", type=float,
+                     help="clip the gradient norm to this (the recipe's optim.grad_clip; 0: no clipping)")
+    run.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                     help="override the mixed precision `accelerate launch` / `accelerate config` set (default: theirs)")
     run.add_argument("--seed", type=int, default=0)
     ckpt = p.add_argument_group("checkpoints and logging")
     ckpt.add_argument("--checkpoint-every", type=int, default=500, help="save a checkpoint every N steps (0: end only)")
@@ -131,12 +135,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_recipe(args: argparse.Namespace) -> Recipe:
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe plus command-line overrides: what this run trains and what recipe.json records."""
     recipe = get_recipe(args.recipe)
     overrides = list(args.overrides)
     for flag, field in (("teacher", "teacher.source"), ("batch_size", "optim.batch_size"), ("lr", "optim.lr"),
-                        ("epochs", "optim.epochs"), ("interpreter", "label_distill.interpreter")):
+                        ("max_grad_norm", "optim.grad_clip"), ("epochs", "optim.epochs"),
+                        ("interpreter", "label_distill.interpreter")):
         if getattr(args, flag) is not None:
             overrides.append(f"{field}={getattr(args, flag)!r}")
     return apply_overrides(recipe, overrides)
@@ -155,7 +160,7 @@ def build_data(args, recipe: Recipe, accelerator: Accelerator):
         hf = split_streaming(hf, seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
         if args.limit_images:
             hf = hf.take(args.limit_images)
-        augment_seed = args.seed * 1_000_003 + accelerator.process_index  # each rank flips its own images
+        augment_seed = noise_seed(args.seed, accelerator.process_index)  # each rank flips its own images
         return StreamingImageDataset(hf, transform, seed=augment_seed), args.limit_images or recipe.data.num_images
     if args.limit_images:
         hf = hf.select(range(min(args.limit_images, len(hf))))
@@ -199,15 +204,6 @@ def teacher_targets(teacher, cache: FeatureCache | None, batch: dict, images: to
     return images, cache.lookup(batch["indices"], encodings, flips, images.device)
 
 
-def teacher_source(recipe: Recipe) -> str:
-    """The recipe's teacher source; a relative folder missing from the working directory is looked up in the repo
-    (the committed in-domain teachers live there), so the default runs from any directory."""
-    source = Path(recipe.teacher.source)
-    in_repo = REPO_ROOT / source
-    if not source.is_absolute() and not source.exists() and in_repo.exists():
-        return str(in_repo)
-    return recipe.teacher.source
-
 
 def epoch_batches(accelerator, loader, epoch: int, skip: int, streaming: bool):
     """This rank's micro-batches of `epoch` on its device, after the first `skip` (already trained on before a
@@ -217,39 +213,29 @@ def epoch_batches(accelerator, loader, epoch: int, skip: int, streaming: bool):
         yield send_to_device(batch, accelerator.device) if streaming else batch  # a stream is not prepared
 
 
-def plan_batches(args, recipe: Recipe, num_processes: int) -> tuple[int, int]:
-    """(per-device micro-batch, gradient accumulation steps) that reach the recipe's global batch exactly."""
-    global_batch = recipe.optim.batch_size
-    micro = args.per_device_batch_size or max(1, min(global_batch // num_processes, 128))
-    accumulation, rest = divmod(global_batch, micro * num_processes)
-    if rest or accumulation < 1:
-        raise ValueError(
-            f"global batch {global_batch} is not a multiple of per-device batch {micro} x {num_processes} processes; "
-            f"choose --per-device-batch-size dividing {global_batch // num_processes}"
-        )
-    return micro, accumulation
 
-
-def main(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv)
-    recipe = resolve_recipe(args)
-    output_dir = Path(args.output_dir or f"runs/{recipe.name}")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-
-    # -- accelerator: devices, processes, precision, trackers
+def build_accelerator(args, recipe: Recipe, output_dir: Path) -> tuple[Accelerator, int, int]:
+    """(the Accelerator, per-device micro-batch, accumulation steps), seeded, with every CPU core in use."""
     # the process count must be known before gradient accumulation is fixed (PartialState() alone misreads
     # ACCELERATE_USE_CPU multi-process launches as one process; tests/test_pretrain.py checks 2-process runs)
-    micro_batch, accumulation = plan_batches(args, recipe, Accelerator().num_processes)
+    micro_batch, accumulation = plan_batches(recipe.optim.batch_size, args.per_device_batch_size,
+                                             Accelerator(mixed_precision=args.mixed_precision).num_processes)
     accelerator = Accelerator(
         gradient_accumulation_steps=accumulation,
+        mixed_precision=args.mixed_precision,  # None: what `accelerate launch` / `accelerate config` set
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     set_seed(args.seed, device_specific=True)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(args.threads or cpu_threads_per_process())
+    return accelerator, micro_batch, accumulation
 
-    # -- the frozen teacher (never prepared) and the trainable student + regressor, levels paired by stride
+
+def build_models(args, recipe: Recipe, accelerator: Accelerator):
+    """(teacher, distiller, recipe with its stride pairs, interpreter, interpreter info): the frozen teacher (never
+    prepared) and the trainable student + regressor, levels paired by stride; with label distillation, the frozen
+    interpreter and a task head on the student."""
     teacher_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         args.teacher_dtype or accelerator.mixed_precision)
     teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, source=teacher_source(recipe),
@@ -270,9 +256,12 @@ def main(argv: list[str] | None = None) -> Path:
         logger.info("%d torch threads per process on %s", torch.get_num_threads(), accelerator.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(model, opt=recipe.optim.optimizer, lr=recipe.optim.lr,
-                                    weight_decay=recipe.optim.weight_decay, betas=recipe.optim.betas)
+    return teacher, model, recipe, interpreter, interpreter_info
 
+
+def open_run_folder(args, recipe: Recipe, output_dir: Path, accelerator: Accelerator) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run); refuses a fresh run over old checkpoints and a resume
+    with another recipe, then writes recipe.json and args.json."""
     resume_from = find_resume_checkpoint(args.resume, output_dir)
     if resume_from is None:
         refuse_fresh_run_over_checkpoints(output_dir)
@@ -285,6 +274,99 @@ def main(argv: list[str] | None = None) -> Path:
         remove_leftovers(output_dir)
         write_text_atomic(saved, json.dumps(recipe.to_dict(), indent=2) + "\n")
         write_text_atomic(output_dir / "args.json", json.dumps(vars(args), indent=2) + "\n")
+    return resume_from
+
+
+def training_length(args, recipe: Recipe, num_images: int | None) -> tuple[int, int]:
+    """(optimizer steps, warm-up steps): --max-steps, else the recipe's epochs over the data."""
+    steps_per_epoch = num_images // recipe.optim.batch_size if num_images else None
+    if args.max_steps:
+        total_steps = args.max_steps
+    elif steps_per_epoch:
+        total_steps = max(1, round(recipe.optim.epochs * steps_per_epoch))
+    else:
+        raise ValueError("the dataset size is unknown (streaming): pass --max-steps or --limit-images")
+    warmup_steps = round(total_steps * recipe.optim.warmup_epochs / recipe.optim.epochs) if recipe.optim.epochs else 0
+    return total_steps, warmup_steps
+
+
+
+def micro_batch_losses(model, images: torch.Tensor, teacher_maps: dict, pairs, recipe: Recipe, interpreter
+                       ) -> dict[str, torch.Tensor]:
+    """The recipe's loss terms for one micro-batch: L_feat, plus the label-distillation term when an interpreter
+    is given (mix-distillation: the student's task head learns the interpreter's soft labels)."""
+    if interpreter is None:
+        return distillation_loss(model(images), teacher_maps, pairs, recipe.loss)
+    predictions, logits = model(images, with_logits=True)
+    losses = distillation_loss(predictions, teacher_maps, pairs, recipe.loss)
+    with torch.no_grad():
+        soft_labels = interpreter(teacher_maps)
+    losses["ld"] = label_distillation_loss(logits, soft_labels, recipe.label_distill.temperature)
+    losses["loss"] = losses["loss"] + recipe.label_distill.weight * losses["ld"]
+    return losses
+
+
+class StepMeter:
+    """What the loop logs: the step's losses summed over its micro-batches (averaged over them and every rank when
+    the step ends), and since the last log the images seen and the time spent in the teacher and the student."""
+
+    def __init__(self) -> None:
+        self.losses: dict[str, torch.Tensor] = {}
+        self.micro_batches = 0
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self.images, self.teacher_s, self.student_s, self.start = 0, 0.0, 0.0, time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor], images: int, teacher_s: float, student_s: float) -> None:
+        self.teacher_s += teacher_s
+        self.student_s += student_s
+        self.images += images
+        self.micro_batches += 1
+        for key, value in losses.items():  # per-level terms ("mse/level0") are not logged
+            if "/" not in key:
+                self.losses[key] = self.losses.get(key, 0.0) + value.detach()
+
+    def end_step(self, accelerator: Accelerator) -> dict[str, float]:
+        """The mean of each loss over every micro-batch of the step on every rank: the same for any layout."""
+        gathered = {k: accelerator.gather(v / self.micro_batches).mean().item() for k, v in self.losses.items()}
+        self.losses, self.micro_batches = {}, 0
+        return gathered
+
+    def images_per_s(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+    def scalars(self, losses: dict[str, float], lr: float, images_per_s: float, skipped: int) -> dict[str, float]:
+        return {**{f"loss/{k}": v for k, v in losses.items()}, "lr": lr, "images_per_s": images_per_s,
+                "time/teacher_s": self.teacher_s, "time/student_s": self.student_s, "data/skipped_images": skipped}
+
+
+def export_results(args, accelerator: Accelerator, model, recipe: Recipe, output_dir: Path,
+                   interpreter_info: dict | None) -> None:
+    """The student in timm's format in <output-dir>/export and, when asked, the task head (main process only)."""
+    if not accelerator.is_main_process:
+        return
+    if not args.no_export:
+        student = accelerator.unwrap_model(model).student
+        export = export_for_hub(student.state_dict(), output_dir / "export", recipe=recipe)
+        logger.info("exported the student to %s: timm.create_model('local-dir:%s', pretrained=True)", export, export)
+    if args.export_task_head and interpreter_info is not None:
+        head = save_task_head(accelerator.unwrap_model(model).task_head, interpreter_info, output_dir / "task_head")
+        logger.info("task head written to %s", head)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    recipe = recipe_from_args(args)
+    output_dir = Path(args.output_dir or f"runs/{recipe.name}")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+    accelerator, micro_batch, accumulation = build_accelerator(args, recipe, output_dir)
+    teacher, model, recipe, interpreter, interpreter_info = build_models(args, recipe, accelerator)
+    pairs = model.pairs
+    optimizer = create_optimizer_v2(model, opt=recipe.optim.optimizer, lr=recipe.optim.lr,
+                                    weight_decay=recipe.optim.weight_decay, betas=recipe.optim.betas)
+    resume_from = open_run_folder(args, recipe, output_dir, accelerator)
 
     # -- data and schedule length
     dataset, num_images = build_data(args, recipe, accelerator)
@@ -300,14 +382,7 @@ def main(argv: list[str] | None = None) -> Path:
     facts = {"data": str(args.data_dir or args.dataset or recipe.data.name), "images": num_images,
              "limit_images": args.limit_images, "global_batch": recipe.optim.batch_size, "micro_batch": micro_batch,
              "processes": accelerator.num_processes, "accumulation": accumulation, "seed": args.seed}
-    steps_per_epoch = num_images // recipe.optim.batch_size if num_images else None
-    if args.max_steps:
-        total_steps = args.max_steps
-    elif steps_per_epoch:
-        total_steps = max(1, round(recipe.optim.epochs * steps_per_epoch))
-    else:
-        raise ValueError("the dataset size is unknown (streaming): pass --max-steps or --limit-images")
-    warmup_steps = round(total_steps * recipe.optim.warmup_epochs / recipe.optim.epochs) if recipe.optim.epochs else 0
+    total_steps, warmup_steps = training_length(args, recipe, num_images)
     min_lr_ratio = recipe.optim.min_lr / recipe.optim.lr
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, total_steps, warmup_steps, min_lr_ratio))
@@ -317,13 +392,7 @@ def main(argv: list[str] | None = None) -> Path:
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state)
     if resume_from is not None:
-        check_resume_facts(resume_from, facts, args.allow_resume_mismatch)
-        accelerator.load_state(str(resume_from))
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch,
-                    state.batch_in_epoch)
-        if accelerator.is_main_process and cut_metrics_to_step(output_dir, state.step):
-            logger.info("metrics.jsonl cut back to step %d (lines after it, or torn by the kill, dropped)",
-                        state.step)
+        resume_checkpoint(accelerator, resume_from, facts, args.allow_resume_mismatch, output_dir, state, logger)
     accelerator.init_trackers("pretrain", config={"recipe": recipe.name, "total_steps": total_steps,
                                                   "micro_batch": micro_batch, "accumulation": accumulation,
                                                   "processes": accelerator.num_processes})
@@ -336,10 +405,8 @@ def main(argv: list[str] | None = None) -> Path:
     fixed_images = None
     progress = tqdm(total=total_steps, initial=state.step, desc="distill",
                     disable=not accelerator.is_local_main_process)
-    window = {"images": 0, "teacher_s": 0.0, "student_s": 0.0, "start": time.perf_counter()}
+    meter = StepMeter()
     noise = torch.Generator(device=accelerator.device)
-    step_losses: dict[str, torch.Tensor] = {}
-    micro_in_step = 0
     while state.step < total_steps:
         full_epoch, usable = state.batch_in_epoch == 0, 0
         for batch in epoch_batches(accelerator, loader, state.epoch, state.batch_in_epoch, args.streaming):
@@ -351,8 +418,8 @@ def main(argv: list[str] | None = None) -> Path:
                 continue
             usable += images.shape[0]
             # fresh noise every call, reproducible from (seed, rank, micro-step) so a resumed run draws the same
-            noise.manual_seed(args.seed * 1_000_003 + state.micro_step * accelerator.num_processes
-                              + accelerator.process_index)
+            noise.manual_seed(noise_seed(args.seed, state.micro_step * accelerator.num_processes
+                                         + accelerator.process_index))
             state.micro_step += 1
             t0 = time.perf_counter()
             images, teacher_maps = teacher_targets(teacher, cache, batch, images, recipe.data.hflip, noise)
@@ -362,57 +429,29 @@ def main(argv: list[str] | None = None) -> Path:
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):
-                if interpreter is None:
-                    losses = distillation_loss(model(images), teacher_maps, pairs, recipe.loss)
-                else:
-                    predictions, logits = model(images, with_logits=True)
-                    losses = distillation_loss(predictions, teacher_maps, pairs, recipe.loss)
-                    with torch.no_grad():
-                        soft_labels = interpreter(teacher_maps)
-                    losses["ld"] = label_distillation_loss(logits, soft_labels, recipe.label_distill.temperature)
-                    losses["loss"] = losses["loss"] + recipe.label_distill.weight * losses["ld"]
-                # every micro-batch, on every rank, before its gradient can reach the weights
-                finite = torch.isfinite(losses["loss"].detach()).float().reshape(1)
-                if not accelerator.gather(finite).all():
-                    last = latest_checkpoint(output_dir)
-                    raise FloatingPointError(
-                        f"non-finite loss at step {state.step + 1} (micro-batch {state.micro_step}); stopped before "
-                        f"the optimizer step, without saving. Last checkpoint (finite weights): {last or 'none'}. "
-                        f"Lower the learning rate (--lr) or run in fp32 (--mixed_precision no), then "
-                        f"--resume {last or 'latest'}")
+                losses = micro_batch_losses(model, images, teacher_maps, pairs, recipe, interpreter)
+                stop_if_not_finite(accelerator, losses["loss"], step=state.step + 1, micro_step=state.micro_step,
+                                   run_dir=output_dir)
                 accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients and recipe.optim.grad_clip:
                     accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window["teacher_s"] += t1 - t0
-            window["student_s"] += time.perf_counter() - t1
-            window["images"] += images.shape[0] * accelerator.num_processes
-            micro_in_step += 1
-            for key, value in losses.items():  # summed over the step's micro-batches, averaged when logged
-                if "/" not in key:
-                    step_losses[key] = step_losses.get(key, 0.0) + value.detach()
-
+            meter.add(losses, images.shape[0] * accelerator.num_processes, t1 - t0, time.perf_counter() - t1)
             if not accelerator.sync_gradients:
                 continue
             lr_scheduler.step()
             state.step += 1
-            # the mean over every micro-batch of the step on every rank: the same figure for any process layout
-            gathered = {k: accelerator.gather(v / micro_in_step).mean().item() for k, v in step_losses.items()}
-            step_losses, micro_in_step = {}, 0
-            elapsed = time.perf_counter() - window["start"]
-            images_per_s = window["images"] / max(elapsed, 1e-9)
+            step_losses = meter.end_step(accelerator)
+            images_per_s = meter.images_per_s()
             progress.update(1)
-            progress.set_postfix(loss=f"{gathered['loss']:.4f}", img_s=f"{images_per_s:.0f}")
+            progress.set_postfix(loss=f"{step_losses['loss']:.4f}", img_s=f"{images_per_s:.0f}")
             if state.step % args.log_every == 0 or state.step == total_steps:
-                scalars = {**{f"loss/{k}": v for k, v in gathered.items()},
-                           "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_s,
-                           "time/teacher_s": window["teacher_s"], "time/student_s": window["student_s"],
-                           "data/skipped_images": state.skipped}
+                scalars = meter.scalars(step_losses, lr_scheduler.get_last_lr()[0], images_per_s, state.skipped)
                 accelerator.log(scalars, step=state.step)
                 if accelerator.is_main_process:  # the same scalars as JSON lines, readable without TensorBoard
                     append_metrics(output_dir, {"step": state.step, **scalars})
-                window = {"images": 0, "teacher_s": 0.0, "student_s": 0.0, "start": time.perf_counter()}
+                meter.reset_window()
             if args.checkpoint_every and state.step % args.checkpoint_every == 0 and state.step < total_steps:
                 checkpoint = save_checkpoint(accelerator, output_dir, state.step, args.keep_checkpoints, facts)
                 save_feature_picture(accelerator, teacher, model, fixed_images, checkpoint, args.seed)
@@ -432,13 +471,7 @@ def main(argv: list[str] | None = None) -> Path:
     save_feature_picture(accelerator, teacher, model, fixed_images, checkpoint, args.seed)
     if state.skipped and accelerator.is_main_process:
         logger.warning("%d unreadable images were skipped on the main process (see warnings above)", state.skipped)
-    if not args.no_export and accelerator.is_main_process:
-        student = accelerator.unwrap_model(model).student
-        export = export_for_hub(student.state_dict(), output_dir / "export", recipe=recipe)
-        logger.info("exported the student to %s: timm.create_model('local-dir:%s', pretrained=True)", export, export)
-    if args.export_task_head and interpreter is not None and accelerator.is_main_process:
-        head = save_task_head(accelerator.unwrap_model(model).task_head, interpreter_info, output_dir / "task_head")
-        logger.info("task head written to %s", head)
+    export_results(args, accelerator, model, recipe, output_dir, interpreter_info)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers and the process group: last
     return output_dir
@@ -448,8 +481,8 @@ def save_feature_picture(accelerator, teacher, model, images, checkpoint: Path, 
     """teacher vs regressed-student features (PCA to RGB) for a few fixed images, beside the checkpoint."""
     if images is None or not len(images) or not accelerator.is_main_process:
         return
-    from training.pairing import pooled_targets
-    from training.visualize import save_feature_comparison
+    from training.distill.pairing import pooled_targets
+    from training.distill.pictures import save_feature_comparison
 
     generator = torch.Generator(device=accelerator.device).manual_seed(seed)
     teacher_maps = teacher(images, generator=generator)
@@ -465,6 +498,6 @@ def save_feature_picture(accelerator, teacher, model, images, checkpoint: Path, 
 
 
 if __name__ == "__main__":
-    from training.cli import run
+    from training.run.cli import run
 
     run(main)

@@ -1,8 +1,8 @@
 """Which teacher level, at which timestep, is worth distilling? A probe of a frozen diffusion teacher's taps.
 
-    python -m training.probe_teacher                                   # the default recipe's teacher, Fashion-MNIST
-    python -m training.probe_teacher --teacher runs/teacher/export --timesteps 10,50,150 --out probe.json
-    python -m training.probe_teacher --data-dir my_labeled_images/ --train-images 2000 --test-images 500
+    python training/probe_teacher.py                                   # the default recipe's teacher, Fashion-MNIST
+    python training/probe_teacher.py --teacher runs/teacher/export --timesteps 10,50,150 --out probe.json
+    python training/probe_teacher.py --data-dir my_labeled_images/ --train-images 2000 --test-images 500
 
 For each timestep t and each candidate tap (default: every decoder level, read before its upsampler) it prints
 one row with
@@ -22,8 +22,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python training/probe_teacher.py`: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python training/probe_teacher.py` puts training/, not the repo, on sys.path
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -39,8 +39,12 @@ from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from dreamteacher_models.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
-from training.evaluate import _load_split, dataset_labels, knn_classify, linear_probe, machine_info, subsample  # noqa: E402
-from training.losses import layer_norm_features  # noqa: E402
+from training.distill.losses import layer_norm_features  # noqa: E402
+from training.protocols.classification import knn_classify, linear_probe  # noqa: E402
+from training.protocols.evaluation import dataset_labels, load_split, subsample  # noqa: E402
+from training.run.hardware import machine_info  # noqa: E402
+from training.run.layout import write_text_atomic  # noqa: E402
+from training.run.schedule import noise_seed  # noqa: E402
 
 logger = logging.getLogger("dreamteacher.probe_teacher")
 
@@ -73,12 +77,12 @@ def encode_split(
         if "labels" not in batch:
             raise ValueError("the probe needs labelled images (Fashion-MNIST with its label files, or an image "
                              "folder with one subfolder per class)")
-        gen.manual_seed(seed * 1_000_003 + 2 * i)
+        gen.manual_seed(noise_seed(seed, 2 * i))
         feats = encoder(images, gen)
         for key, f in feats.items():
             pooled.setdefault(key, []).append(f.float().mean(dim=(2, 3)))
         if second_draw:
-            gen.manual_seed(seed * 1_000_003 + 2 * i + 1)
+            gen.manual_seed(noise_seed(seed, 2 * i + 1))
             again = encoder(images, gen)
             for key, f in feats.items():
                 corr_sum[key] = corr_sum.get(key, 0.0) + noise_correlation(f, again[key]).sum().item()
@@ -143,8 +147,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    from training.data import ImageDataset, build_dataloader, build_transform
-    from training.teachers import build_teacher, default_tap_names
+    from training.run.data import ImageDataset, build_dataloader, build_transform
+    from training.teacher.build import build_teacher
+    from training.teacher.taps import default_tap_names
 
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -154,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     transform = build_transform(recipe.data, train=False)
 
     def loader(split: str, limit: int, seed: int):
-        hf = _load_split(args.data_dir, split, recipe)
+        hf = load_split(args.data_dir, split, recipe)
         dataset_labels(hf, f"the {split!r} split")  # a clear error now when the data has no labels
         subset = torch.utils.data.Subset(ImageDataset(hf, transform), subsample(len(hf), limit, seed).tolist())
         return build_dataloader(subset, args.batch_size, shuffle=False, drop_last=False, num_workers=args.num_workers)
@@ -186,13 +191,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                   "seconds": round(time.perf_counter() - started, 1)}
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, out)
+        write_text_atomic(out, json.dumps(report, indent=2) + "\n")
     return rows
 
 
 if __name__ == "__main__":
-    from training.cli import run
+    from training.run.cli import run
 
     run(main)

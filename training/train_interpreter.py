@@ -5,14 +5,14 @@
     accelerate launch training/train_interpreter.py --recipe resnet18.dreamteacher_fmnist --epochs 100
 
 The teacher is the recipe's (its taps paired with the student, at the recipe's timestep), frozen; the interpreter
-(training/interpreter.py) reads its features. Tasks on this machine's data:
+(training/labels/interpreter.py) reads its features. Tasks on this machine's data:
 
 * `classes`: Fashion-MNIST's 10 classes, a class-balanced `--labels-fraction` of the train split (1% = 600 images,
   the split `training/evaluate.py` fine-tunes on); `PooledInterpreter`; validated by top-1 on t10k.
 * `fmnist-masks`: dense foreground/background masks derived from the images themselves (a pixel is foreground when
   its gray value exceeds `--mask-threshold`; no such labels ship with Fashion-MNIST), the first `--labels` train
   images; `DenseInterpreter`, CE + 3 Dice; validated by mean IoU on t10k.
-* `masks`: a label-efficient segmentation benchmark folder (DDPM-seg / DatasetGAN layout, training/dense_labels.py:
+* `masks`: a label-efficient segmentation benchmark folder (DDPM-seg / DatasetGAN layout, training/labels/dense_masks.py:
   images + `.npy` class masks in real/train and real/test), the first `--labels` train images, `--num-classes`
   (read from the folder's name for ffhq_34, celeba_19, bedroom_28, cat_15, horse_21); ignore id 255.
 
@@ -45,27 +45,34 @@ from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from dreamteacher_models.recipes import DEFAULT_RECIPE, apply_overrides, get_recipe  # noqa: E402
-from training.data import build_transform, data_source, load_image_dataset  # noqa: E402
-from training.dense_labels import IGNORE_ID, MaskedImages, num_classes_of, split_folder  # noqa: E402
-from training.distiller import build_distiller  # noqa: E402
-from training.evaluate import balanced_subset, dataset_labels  # noqa: E402
-from training.hardware import cpu_threads_per_process  # noqa: E402
-from training.interpreter import DenseInterpreter, PooledInterpreter, interpreter_loss  # noqa: E402
-from training.pretrain import teacher_source  # noqa: E402
-from training.run_layout import (  # noqa: E402
+from training.distill.distiller import build_distiller  # noqa: E402
+from training.labels.dense_masks import IGNORE_ID, MaskedImages, num_classes_of, split_folder  # noqa: E402
+from training.labels.interpreter import (  # noqa: E402
+    INTERPRETER_INFO,
+    INTERPRETER_WEIGHTS,
+    DenseInterpreter,
+    PooledInterpreter,
+    interpreter_loss,
+)
+from training.protocols.classification import balanced_subset  # noqa: E402
+from training.protocols.evaluation import dataset_labels  # noqa: E402
+from training.run.data import build_transform, data_source, load_image_dataset  # noqa: E402
+from training.run.guards import stop_if_not_finite  # noqa: E402
+from training.run.hardware import cpu_threads_per_process  # noqa: E402
+from training.run.layout import (  # noqa: E402
+    atomic_file,
     check_resume_facts,
     find_resume_checkpoint,
     refuse_fresh_run_over_checkpoints,
     save_checkpoint,
     write_text_atomic,
 )
-from training.schedule import TrainState, cosine_with_warmup  # noqa: E402
-from training.teachers import build_teacher  # noqa: E402
+from training.run.schedule import TrainState, cosine_with_warmup, noise_seed  # noqa: E402
+from training.teacher.build import build_teacher  # noqa: E402
+from training.teacher.sources import teacher_source  # noqa: E402
 
 logger = logging.getLogger("dreamteacher.train_interpreter")
 TASKS = ("classes", "fmnist-masks", "masks")
-WEIGHTS = "interpreter.safetensors"
-INFO = "interpreter.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -246,15 +253,15 @@ def main(argv: list[str] | None = None) -> Path:
     while state.epoch < args.epochs:
         if isinstance(train_set, JointFlip):
             train_set.epoch = state.epoch
-        loader.generator.manual_seed(args.seed * 1_000_003 + state.epoch)
+        loader.generator.manual_seed(noise_seed(args.seed, state.epoch))
         for images, targets in loader:
-            noise.manual_seed(args.seed * 1_000_003 + state.micro_step)
+            noise.manual_seed(noise_seed(args.seed, state.micro_step))
             state.micro_step += 1
             features = teacher(images.to(accelerator.device), generator=noise)  # this batch's only
             losses = interpreter_loss(interpreter(features), targets.to(accelerator.device), ignore_index=IGNORE_ID
                                       if args.task != "classes" else None)
-            if not torch.isfinite(losses["loss"]):
-                raise FloatingPointError(f"non-finite interpreter loss at step {state.step + 1}; lower --lr")
+            stop_if_not_finite(accelerator, losses["loss"], step=state.step + 1, micro_step=state.micro_step,
+                               run_dir=output_dir)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(losses["loss"])
             optimizer.step()
@@ -269,9 +276,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(interpreter)
-        tmp = output_dir / f".{WEIGHTS}.tmp"
-        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        tmp.replace(output_dir / WEIGHTS)
+        with atomic_file(output_dir / INTERPRETER_WEIGHTS) as tmp:
+            safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
         info = {"task": args.task, "num_classes": model.num_classes, "labeled_images": len(train_set),
                 "taps": {str(s): c for s, c in model.channels.items()}, "timestep": teacher.timestep,
                 "teacher": teacher.source, "recipe": recipe.name, "epochs": args.epochs,
@@ -280,14 +286,14 @@ def main(argv: list[str] | None = None) -> Path:
         if args.report_memory:
             info["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             logger.info("peak resident memory: %.0f MB", info["peak_rss_mb"])
-        write_text_atomic(output_dir / INFO, json.dumps(info, indent=2) + "\n")
+        write_text_atomic(output_dir / INTERPRETER_INFO, json.dumps(info, indent=2) + "\n")
         logger.info("interpreter: %s %.2f on %d test images; %s", info["validation"]["metric"], score or 0.0,
-                    len(val_set), output_dir / WEIGHTS)
+                    len(val_set), output_dir / INTERPRETER_WEIGHTS)
     accelerator.end_training()
     return output_dir
 
 
 if __name__ == "__main__":
-    from training.cli import run
+    from training.run.cli import run
 
     run(main)

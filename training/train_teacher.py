@@ -7,13 +7,18 @@ scalars; a DDIM sample grid (EMA weights) at each checkpoint; at the end an atom
 diffusers folder (model_index.json, unet/, scheduler/, samples.png, README.md), optionally in fp16.
 
 The UNet is attention-free (DownBlock2D/UpBlock2D only) with one level per entry of ``--block-out-channels``:
-with 4 levels at 32 px its decoder levels sit at strides 8, 4, 2, 1, matched by rank to the student's C5..C2.
+with 4 levels at 32 px its decoder levels sit at strides 8, 4, 2, 1; the distillation pairs them with the student's
+levels by stride (training/distill/pairing.py).
 
 Images are fed in [-1, 1] (the recipe's resize/crop/flip, then mean = std = 0.5), as DDPMs expect; a user of the
 exported teacher must map its inputs to [-1, 1] too.
 
-    python training/train_teacher.py --max-steps 3000 --output-dir runs/teacher-fmnist
-    accelerate launch training/train_teacher.py ...
+    accelerate launch training/train_teacher.py --max-steps 3000 --output-dir runs/teacher-fmnist
+
+The flags shared with training/pretrain.py mean the same in both: `--batch-size` is the global batch (all processes x
+gradient accumulation; `--per-device-batch-size` is the micro-batch), `--checkpoint-every` / `--keep-checkpoints`,
+`--max-grad-norm`, `--resume` / `--allow-resume-mismatch`, `--threads`, `--seed`, `--set FIELD=VALUE` (recipe
+fields), and mixed precision comes from `accelerate launch` / `accelerate config` unless `--mixed-precision` is given.
 """
 
 from __future__ import annotations
@@ -21,10 +26,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (python/accelerate launch): put the repo root on sys.path
-    _root = str(Path(__file__).resolve().parents[1])
-    if _root not in sys.path:
-        sys.path.insert(0, _root)
+if __package__ in (None, ""):  # `python training/train_teacher.py` puts training/, not the repo, on sys.path
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -42,24 +45,25 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from dreamteacher_models.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
-from training import data  # noqa: E402
-from training.hardware import cpu_threads_per_process  # noqa: E402
-from training.run_layout import (  # noqa: E402
+from dreamteacher_models.recipes import DEFAULT_RECIPE, apply_overrides, get_recipe  # noqa: E402
+from training.run import data  # noqa: E402
+from training.run.guards import stop_if_not_finite
+from training.run.hardware import cpu_threads_per_process  # noqa: E402
+from training.run.layout import (  # noqa: E402
     append_metrics,
-    check_resume_facts,
-    cut_metrics_to_step,
+    atomic_file,
     find_resume_checkpoint,
     fresh_staging_dir,
     give_files_umask_modes,
-    latest_checkpoint,
     refuse_foreign_folder,
     refuse_fresh_run_over_checkpoints,
     remove_leftovers,
     replace_dir,
+    resume_checkpoint,
     save_checkpoint,
     write_text_atomic,
 )
+from training.run.schedule import TrainState, noise_seed, plan_batches  # noqa: E402
 
 logger = logging.getLogger("train_teacher")
 TEACHER_EXPORT_FILES = {"model_index.json", "unet", "scheduler", "samples.png", "README.md"}
@@ -78,6 +82,8 @@ def _int_list(s: str) -> tuple[int, ...]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe whose data config (source, resize, flip) is used")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a recipe field, repeatable (e.g. --set data.hflip=False)")
     p.add_argument("--data-dir", default=None, help="folder of IDX files or of images (imagefolder)")
     p.add_argument("--dataset", default=None, help="Hub dataset id (needs network); default: the recipe's data")
     p.add_argument("--split", default="train")
@@ -85,8 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-out-channels", type=_int_list, default=(32, 64, 128, 128))
     p.add_argument("--layers-per-block", type=int, default=1)
     p.add_argument("--norm-num-groups", type=int, default=32, help="GroupNorm groups (divides every channel count)")
-    p.add_argument("--batch-size", type=int, default=64, help="per device")
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="global batch: all processes x gradient accumulation (default 64)")
+    p.add_argument("--per-device-batch-size", type=int,
+                   help="micro-batch per process; gradients accumulate to reach the global batch (default: "
+                        "global batch / processes, capped at 128)")
     p.add_argument("--max-steps", type=int, default=10_000, help="optimizer steps")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "constant"])
@@ -106,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also checkpoint when this many minutes passed since the last checkpoint")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop (checkpoint, sample, export) after this much training wall time, even before --max-steps")
-    p.add_argument("--checkpoints-total-limit", type=int, default=3, help="complete checkpoints kept")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="how many recent checkpoints to keep")
     p.add_argument("--sample-every", type=int, default=None,
                    help="steps between sample grids (default: at checkpoints)")
     p.add_argument("--num-samples", type=int, default=16)
@@ -124,7 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per process on CPU (default: every core of the machine shared among the "
                         "local processes; `accelerate launch` would otherwise leave one thread on a CPU machine)")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                   help="override the mixed precision `accelerate launch` / `accelerate config` set (default: theirs)")
     p.add_argument("--hardware-note", default=None, help="machine description written into the export README")
     p.add_argument("--log-every", type=int, default=10)
     args = p.parse_args(argv)
@@ -236,27 +246,6 @@ def denoising_loss(unet, noise_scheduler, clean: torch.Tensor, noise: torch.Tens
     return F.mse_loss(pred.float(), target.float())
 
 
-class TrainState:
-    """Where the loop is, saved with each checkpoint (``accelerator.register_for_checkpointing``) so a resume
-    continues exactly: the diffusion noise of every micro-batch is drawn from (seed, micro-step, rank), never from a
-    generator state (custom states are saved by the main process only, so every rank would get rank 0's)."""
-
-    def __init__(self) -> None:
-        self.step = 0  # optimizer steps done
-        self.micro_step = 0  # micro-batches done on each rank
-        self.epoch = 0
-        self.batch_in_epoch = 0  # micro-batches of this epoch already consumed (skipped on resume)
-        self.images_seen = 0
-        self.skipped = 0
-        self.wall_s = 0.0
-
-    def state_dict(self) -> dict:
-        return dict(vars(self))
-
-    def load_state_dict(self, sd: dict) -> None:
-        for key, value in sd.items():
-            setattr(self, key, value)
-
 
 @torch.no_grad()
 def sample_images(unet, noise_scheduler, num: int, steps: int, seed: int) -> np.ndarray:
@@ -287,9 +276,8 @@ def save_grid(images: np.ndarray, path: Path, scale: int = 2) -> None:
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        im.save(tmp, format="PNG")
 
 
 def export_teacher(unet, ema, noise_scheduler, export_dir: Path, fp16: bool, grid: Path | None, readme: str) -> Path:
@@ -314,8 +302,8 @@ def export_teacher(unet, ema, noise_scheduler, export_dir: Path, fp16: bool, gri
 
 
 def _readme(args, argv, state: TrainState, final_loss: float | None, unet) -> str:
-    launcher = "python" if _world_size() == 1 else f"accelerate launch --num_processes {_world_size()}"
-    cmd = f"{launcher} training/train_teacher.py " + " ".join(shlex.quote(a) for a in argv)
+    cmd = f"accelerate launch --num_processes {_world_size()} training/train_teacher.py " + " ".join(
+        shlex.quote(a) for a in argv)
     n_params = sum(p.numel() for p in unet.parameters())
     hw = args.hardware_note or f"{platform.machine()} CPU, {os.cpu_count()} cores"
     loss = f"{final_loss:.4f}" if final_loss is not None else "n/a"
@@ -339,7 +327,7 @@ load with `UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=tor
 | initialized from | {args.init_from or 'random weights'} |
 {prior}| noise schedule | DDPM linear betas, {args.num_train_timesteps} steps, epsilon prediction, MSE |
 | optimizer steps | {state.step} |
-| batch size (global) | {args.batch_size * args.gradient_accumulation_steps} x {_world_size()} process(es) |
+| batch size (global) | {args.batch_size} over {_world_size()} process(es) |
 | images seen | {state.images_seen} |
 | lr | {args.lr} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps), AdamW |
 | last logged loss | {loss} |
@@ -353,6 +341,41 @@ load with `UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=tor
 
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def save_samples(accelerator, unet, ema, noise_scheduler, args, output_dir: Path, step: int) -> Path:
+    """A DDIM sample grid of the EMA weights at `step` (main process): samples/step_N.png, samples/latest.png and
+    TensorBoard's image panel."""
+    model = accelerator.unwrap_model(unet)
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    images = sample_images(model, noise_scheduler, args.num_samples, args.sample_steps, args.seed)
+    ema.restore(model.parameters())
+    grid = output_dir / "samples" / f"step_{step:07d}.png"
+    save_grid(images, grid)
+    shutil.copyfile(grid, output_dir / "samples" / "latest.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("samples", images, step, dataformats="NHWC")
+    return grid
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank when `flag` is true on any: time-based decisions are taken by all ranks together."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def time_is_up(args, accelerator, now: float, start: float, last_checkpoint: float) -> tuple[bool, bool]:
+    """(--max-minutes reached, --checkpoint-every-minutes due), agreed by every rank."""
+    timed_out = bool(args.max_minutes) and (now - start) / 60 >= args.max_minutes
+    every = args.checkpoint_every_minutes
+    checkpoint_due = bool(every) and (now - last_checkpoint) / 60 >= every
+    if args.max_minutes or args.checkpoint_every_minutes:
+        timed_out, checkpoint_due = any_rank(accelerator, timed_out), any_rank(accelerator, checkpoint_due)
+    return timed_out, checkpoint_due
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -369,8 +392,6 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     output_dir = Path(args.output_dir)
     export_dir = Path(args.export_dir) if args.export_dir else output_dir / "export"
-    from training.run_layout import refuse_foreign_folder
-
     # checked now, not after hours of training: the export replaces its folder whole
     refuse_foreign_folder(export_dir, TEACHER_EXPORT_FILES, "a previous teacher export (train_teacher.py)")
     resume_path = find_resume_checkpoint(args.resume, output_dir)
@@ -379,9 +400,12 @@ def main(argv: list[str] | None = None) -> Path:
     if resume_path is None:
         refuse_fresh_run_over_checkpoints(output_dir)
     project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
+    # the process count must be known before gradient accumulation is fixed (as in pretrain.py)
+    micro_batch, accumulation = plan_batches(args.batch_size, args.per_device_batch_size,
+                                             Accelerator(mixed_precision=args.mixed_precision).num_processes)
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=accumulation,
+        mixed_precision=args.mixed_precision,  # None: what `accelerate launch` / `accelerate config` set
         log_with="tensorboard",
         project_config=project_config,
     )
@@ -395,14 +419,14 @@ def main(argv: list[str] | None = None) -> Path:
             {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}, indent=2))
 
     # Data: the recipe's resize/crop/flip at --resolution, scaled to [-1, 1].
-    recipe = get_recipe(args.recipe)
+    recipe = apply_overrides(get_recipe(args.recipe), args.overrides)
     data_cfg = dataclasses.replace(recipe.data, input_size=(3, args.resolution, args.resolution))
     hf_ds = data.load_image_dataset(data.data_source(args.data_dir, args.dataset), args.split, recipe_data=data_cfg)
     transform = data.build_transform(data_cfg, train=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     train_ds = data.ImageDataset(hf_ds, transform)
-    if len(train_ds) < args.batch_size:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the dataset ({len(train_ds)} images)")
-    loader = data.build_dataloader(train_ds, args.batch_size, shuffle=True, seed=args.seed,
+    if len(train_ds) < micro_batch:
+        raise ValueError(f"the per-device batch {micro_batch} is larger than the dataset ({len(train_ds)} images)")
+    loader = data.build_dataloader(train_ds, micro_batch, shuffle=True, seed=args.seed,
                                    num_workers=args.num_workers, drop_last=True)
 
     if args.init_from and resume_path is None:  # a resume loads the checkpoint's weights instead
@@ -427,55 +451,25 @@ def main(argv: list[str] | None = None) -> Path:
     state = TrainState()
     accelerator.register_for_checkpointing(ema, lr_scheduler, state)
     facts = {"data": str(args.data_dir or args.dataset or recipe.data.name), "split": args.split,
-             "images": len(train_ds), "batch_per_device": args.batch_size, "processes": accelerator.num_processes,
-             "accumulation": args.gradient_accumulation_steps, "resolution": args.resolution, "seed": args.seed,
+             "images": len(train_ds), "batch_per_device": micro_batch, "processes": accelerator.num_processes,
+             "accumulation": accumulation, "resolution": args.resolution, "seed": args.seed,
              "init_from": args.init_from}
 
     if resume_path is not None:
-        check_resume_facts(resume_path, facts, args.allow_resume_mismatch)
-        accelerator.load_state(str(resume_path))
+        resume_checkpoint(accelerator, resume_path, facts, args.allow_resume_mismatch, output_dir, state, logger)
         ema.to(accelerator.device)
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, state.step, state.epoch,
-                    state.batch_in_epoch)
-        if accelerator.is_main_process and cut_metrics_to_step(output_dir, state.step):
-            logger.info("metrics.jsonl cut back to step %d", state.step)
 
     accelerator.init_trackers("train_teacher", config={
         k: (",".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in vars(args).items()
         if isinstance(v, (int, float, str, bool, tuple))})
 
     # the last optimizer step of an epoch takes the micro-batches left over (Accelerate syncs at the loader's end)
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(len(loader) / accumulation)
     if steps_per_epoch < 1:
-        raise ValueError(f"the dataset gives no batch of {args.batch_size} per epoch ({len(train_ds)} images)")
-    total_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        raise ValueError(f"the dataset gives no batch of {micro_batch} per epoch ({len(train_ds)} images)")
     logger.info("%d images, %d steps/epoch, global batch %d, %d steps (%.2f epochs), UNet %.2f M params",
-                len(train_ds), steps_per_epoch, total_batch, args.max_steps, args.max_steps / steps_per_epoch,
+                len(train_ds), steps_per_epoch, args.batch_size, args.max_steps, args.max_steps / steps_per_epoch,
                 sum(p.numel() for p in unet.parameters()) / 1e6)
-
-    def checkpoint_and_sample(step: int, do_ckpt: bool, do_sample: bool) -> Path | None:
-        grid = None
-        if do_ckpt:  # all ranks; checkpoints/step_N, complete or absent, rotated to --checkpoints-total-limit
-            save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit, facts)
-        if do_sample and accelerator.is_main_process:
-            model = accelerator.unwrap_model(unet)
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-            images = sample_images(model, noise_scheduler, args.num_samples, args.sample_steps, args.seed)
-            ema.restore(model.parameters())
-            grid = output_dir / "samples" / f"step_{step:07d}.png"
-            save_grid(images, grid)
-            shutil.copyfile(grid, output_dir / "samples" / "latest.png")
-            for tracker in accelerator.trackers:
-                if tracker.name == "tensorboard":
-                    tracker.writer.add_images("samples", images, step, dataformats="NHWC")
-        return grid
-
-    def agree(flag: bool) -> bool:  # every rank must take time-based decisions together
-        if accelerator.num_processes == 1:
-            return flag
-        t = torch.tensor([int(flag)], device=accelerator.device)
-        return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
     last_ckpt_time = time.time()
     progress = tqdm(total=args.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
@@ -498,19 +492,16 @@ def main(argv: list[str] | None = None) -> Path:
             clean = batch["pixel_values"]
             if clean.shape[0] == 0:  # every image of the batch was unreadable (already logged)
                 continue
-            noise_gen.manual_seed(args.seed * 1_000_003 + state.micro_step * accelerator.num_processes
-                                  + accelerator.process_index)
+            noise_gen.manual_seed(noise_seed(args.seed, state.micro_step * accelerator.num_processes
+                                             + accelerator.process_index))
             state.micro_step += 1
             noise = torch.randn(clean.shape, generator=noise_gen, device=clean.device, dtype=clean.dtype)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=noise_gen,
                               device=clean.device)
             with accelerator.accumulate(unet):
                 loss = denoising_loss(unet, noise_scheduler, clean, noise, t)
-                if not accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).all():
-                    raise FloatingPointError(
-                        f"non-finite loss at step {state.step + 1}; stopped before the optimizer step, without "
-                        f"saving. Last checkpoint (finite weights): {latest_checkpoint(output_dir) or 'none'}. "
-                        "Lower --lr or use --mixed-precision no, then --resume latest")
+                stop_if_not_finite(accelerator, loss, step=state.step + 1, micro_step=state.micro_step,
+                                   run_dir=output_dir)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -533,11 +524,7 @@ def main(argv: list[str] | None = None) -> Path:
                 if accelerator.is_main_process:  # the training curve as JSON lines, readable without TensorBoard
                     append_metrics(output_dir, {"step": state.step, "wall_s": round(state.wall_s, 1), **logs})
             now = time.time()
-            timed_out = bool(args.max_minutes) and (now - t_start) / 60 >= args.max_minutes
-            every = args.checkpoint_every_minutes
-            ckpt_due = bool(every) and (now - last_ckpt_time) / 60 >= every
-            if args.max_minutes or args.checkpoint_every_minutes:
-                timed_out, ckpt_due = agree(timed_out), agree(ckpt_due)
+            timed_out, ckpt_due = time_is_up(args, accelerator, now, t_start, last_ckpt_time)
             if timed_out and state.step < args.max_steps:
                 logger.info("--max-minutes %s reached at step %d: stopping", args.max_minutes, state.step)
             done = state.step >= args.max_steps or timed_out
@@ -545,8 +532,10 @@ def main(argv: list[str] | None = None) -> Path:
             if do_ckpt:
                 last_ckpt_time = now
             do_sample = state.step % args.sample_every == 0 or do_ckpt
-            if do_ckpt or do_sample:
-                last_grid = checkpoint_and_sample(state.step, do_ckpt, do_sample) or last_grid
+            if do_ckpt:  # all ranks; checkpoints/step_N, complete or absent, rotated to --keep-checkpoints
+                save_checkpoint(accelerator, output_dir, state.step, args.keep_checkpoints, facts)
+            if do_sample and accelerator.is_main_process:
+                last_grid = save_samples(accelerator, unet, ema, noise_scheduler, args, output_dir, state.step)
             if done:
                 break
         else:
@@ -554,14 +543,14 @@ def main(argv: list[str] | None = None) -> Path:
             state.batch_in_epoch = 0
         if full_pass and state.step == step_at_start and not done:  # a pass with no step would repeat forever
             raise ValueError(f"a pass over the data gave no training step: {len(train_ds)} images, batch "
-                             f"{args.batch_size} x {args.gradient_accumulation_steps} accumulation, {state.skipped} "
-                             "unreadable; add readable images or lower --batch-size")
+                             f"{micro_batch} x {accumulation} accumulation, {state.skipped} "
+                             "unreadable; add readable images or lower --batch-size / --per-device-batch-size")
     progress.close()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if last_grid is None:  # resumed at max_steps: nothing ran; sample the restored EMA for the export
-            last_grid = checkpoint_and_sample(state.step, False, True)
+            last_grid = save_samples(accelerator, unet, ema, noise_scheduler, args, output_dir, state.step)
         model = accelerator.unwrap_model(unet)
         export_teacher(model, ema, noise_scheduler, export_dir, args.fp16_export, last_grid,
                        _readme(args, argv, state, last_loss, model))
@@ -571,6 +560,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from training.cli import run
+    from training.run.cli import run
 
     run(main)

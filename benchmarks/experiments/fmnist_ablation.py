@@ -1,0 +1,119 @@
+"""Recipe ablations at the main job's budget: which pairing, regressor, lr and loss weights the Fashion-MNIST recipe
+should use. Each variant trains `training/pretrain.py` for the same number of steps (the main job's, by default)
+and is scored by `training/evaluate.py` (linear probe, kNN, fine-tune with 1% and 10% of the labels).
+
+    python benchmarks/experiments/fmnist_ablation.py --variants pairs_c2c3,pairs_all4 --tag r1
+    python benchmarks/experiments/fmnist_ablation.py --variant mine="--set loss.at_weight=3 --lr 1e-3"   # an ad-hoc variant
+
+Scores depend on the seed and the step count, not on the machine's speed, so variants run at different times
+compare fairly; the wall time of each run is recorded too. Results go to `benchmarks/results/fmnist_ablation/
+<tag>.json` and `.md`, rewritten after every variant; a variant already in the JSON is not run again (rerun with a
+new tag), so an interrupted sweep continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+from training.run.hardware import describe_machine  # noqa: E402
+
+# name -> extra arguments for training/pretrain.py (on top of the recipe)
+VARIANTS = {
+    "recipe": [],
+    "pairs_auto_w256": ["--set", "pairs=()", "--set", "regressor_width=256", "--set", "ppm_bins=(1,2,3,6)"],
+    "pairs_c2c3": ["--set", "pairs=((4,4),(8,8))"],
+    "pairs_all4": ["--set", "pairs=((4,4),(8,8),(16,8),(32,8))"],
+    "pairs_stem": ["--set", "pairs=((2,2),(4,4),(8,8))"],
+    "lr_1e-3": ["--lr", "1e-3"],
+    "lr_4e-3": ["--lr", "4e-3"],
+    "at_1": ["--set", "loss.at_weight=1.0"],
+    "at_3": ["--set", "loss.at_weight=3.0"],
+    "lamb": ["--set", "optim.optimizer='lamb'"],
+    "no_zero_init": ["--set", "zero_init_last=False"],
+    "t_10": ["--set", "teacher.timestep=10"],
+    "t_150": ["--set", "teacher.timestep=150"],
+}
+PROTOCOL_KEYS = ("linear probe", "kNN k=20", "fine-tune 1%", "fine-tune 10%")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default="recipe", help=f"comma-separated names from: {', '.join(VARIANTS)}")
+    p.add_argument("--variant", action="append", default=[], metavar='NAME="ARGS"',
+                   help="an ad-hoc variant: a name and training/pretrain.py arguments, repeatable")
+    p.add_argument("--tag", required=True, help="results file name")
+    p.add_argument("--max-steps", type=int, help="steps per variant (default: the recipe's, i.e. the main job's)")
+    p.add_argument("--max-train", type=int, default=20000, help="evaluation train subset (seeded)")
+    p.add_argument("--max-test", type=int, default=5000, help="evaluation test subset (seeded)")
+    p.add_argument("--teacher", help="teacher folder for every variant (default: the recipe's)")
+    p.add_argument("--work-dir", default="runs/fmnist_ablation")
+    p.add_argument("--out-dir", default="benchmarks/results/fmnist_ablation")
+    args = p.parse_args(argv)
+    chosen = {}
+    for name in filter(None, args.variants.split(",")):
+        if name not in VARIANTS:
+            p.error(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+        chosen[name] = VARIANTS[name]
+    for item in args.variant:
+        name, sep, extra = item.partition("=")
+        if not sep:
+            p.error(f"--variant takes NAME=\"ARGS\", got {item!r}")
+        chosen[name] = shlex.split(extra)
+    args.chosen = chosen
+    return args
+
+
+def table(results: dict) -> str:
+    lines = ["| variant | " + " | ".join(PROTOCOL_KEYS) + " | train s | args |", "|---" * 7 + "|"]
+    for name, r in results.items():
+        scores = " | ".join(f"{r['scores'].get(k, float('nan')):.2f}" for k in PROTOCOL_KEYS)
+        lines.append(f"| {name} | {scores} | {r['train_seconds']:.0f} | `{' '.join(r['args'])}` |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import training.evaluate as evaluate
+    import training.pretrain as pretrain
+
+    args = parse_args(argv)
+    out_json = Path(args.out_dir) / f"{args.tag}.json"
+    report = json.loads(out_json.read_text()) if out_json.is_file() else {"results": {}}
+    for name, extra in args.chosen.items():
+        if name in report["results"]:
+            continue
+        run = Path(args.work_dir) / args.tag / name
+        shutil.rmtree(run, ignore_errors=True)
+        argv_run = ["--output-dir", str(run), "--feature-images", "0", "--checkpoint-every", "0", *extra]
+        argv_run += ["--max-steps", str(args.max_steps)] if args.max_steps else []
+        argv_run += ["--teacher", args.teacher] if args.teacher else []
+        started = time.perf_counter()
+        pretrain.main(argv_run)
+        train_s = time.perf_counter() - started
+        ev = evaluate.main(["--model", f"local-dir:{run / 'export'}", "--max-train", str(args.max_train),
+                            "--max-test", str(args.max_test), "--out", str(run / "eval.json")])
+        scores = {k: v["top1"] for k, v in ev["results"].items()}
+        report["results"][name] = {"args": argv_run, "scores": scores, "train_seconds": train_s}
+        report["machine"] = describe_machine()
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_json.with_name(f".{out_json.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, out_json)
+        out_json.with_suffix(".md").write_text(f"{table(report['results'])}\n\n{report['machine']}\n")
+        print(table(report["results"]), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

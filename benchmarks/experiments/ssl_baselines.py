@@ -1,0 +1,211 @@
+"""SimCLR and BYOL baselines built from the `lightly` library (its heads, losses, transforms and schedule).
+
+Benchmark-only code (`pip install -e .[bench]`): used by benchmarks/experiments/indomain_fmnist.py to pretrain a timm backbone
+with a peer self-supervised method for a fixed number of steps, so it can be compared with DreamTeacher at the same
+wall-clock budget. The models follow lightly's own examples (examples/pytorch/simclr.py, byol.py):
+
+* SimCLR: backbone -> SimCLRProjectionHead(D, D, 128); NTXentLoss(temperature=0.5), the SimCLR paper's CIFAR value
+  and lightly's default.
+* BYOL: online backbone -> BYOLProjectionHead(D, 1024, 256) -> BYOLPredictionHead(256, 1024, 256); a momentum copy of
+  backbone + projection (lightly.models.utils.deactivate_requires_grad / update_momentum); symmetric
+  NegativeCosineSimilarity; momentum from lightly.utils.scheduler.cosine_schedule(step, total, 0.99, 1.0), per step
+  (lightly's CIFAR-10 benchmark starts at 0.99; short runs need the faster-moving target).
+
+Augmentations: lightly's SimCLRTransform / BYOLTransform at input_size 32 with settings for 32-px grayscale
+Fashion-MNIST: no Gaussian blur (it erases a 32-px image), colour-jitter strength 0.5 (lightly's CIFAR setting;
+saturation/hue and random grayscale do nothing to a gray image and are set to 0), random-resized-crop min scale
+0.2 (the usual CIFAR-scale value; 0.08 leaves a few pixels of a 28-px garment), horizontal flips, BYOL's
+solarisation on view 2 kept (p = 0.2), and the recipe's normalisation (not ImageNet's).
+
+Optimiser: SGD, momentum 0.9, weight decay 5e-4, lr 0.06 x batch / 128 (lightly's CIFAR-10 benchmark settings for
+both methods), linear warm-up over the first 10% of the steps (as the DreamTeacher recipe) then cosine decay to 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+SSL_METHODS = ("simclr", "byol")
+SGD_LR_PER_128 = 0.06
+SGD_MOMENTUM = 0.9
+SGD_WEIGHT_DECAY = 5e-4
+WARMUP_FRACTION = 0.1
+CJ_STRENGTH = 0.5
+MIN_SCALE = 0.2
+BYOL_MOMENTUM = (0.99, 1.0)
+
+
+def ssl_transform(method: str, input_size: int, mean, std) -> Callable:
+    """lightly's two-view transform for `method` (PIL image -> [view_1, view_2]) with 32-px grayscale settings."""
+    normalize = {"mean": list(mean), "std": list(std)}
+    common = dict(input_size=input_size, cj_strength=CJ_STRENGTH, cj_sat=0.0, cj_hue=0.0, min_scale=MIN_SCALE,
+                  random_gray_scale=0.0, gaussian_blur=0.0, normalize=normalize)
+    if method == "simclr":
+        from lightly.transforms import SimCLRTransform
+
+        return SimCLRTransform(**common)
+    if method == "byol":
+        from lightly.transforms import BYOLTransform
+        from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
+
+        return BYOLTransform(view_1_transform=BYOLView1Transform(**common),
+                             view_2_transform=BYOLView2Transform(**common))
+    raise ValueError(f"unknown SSL method {method!r}; known: {', '.join(SSL_METHODS)}")
+
+
+class TwoViewDataset(torch.utils.data.Dataset):
+    """(view_1, view_2) of each image of a `datasets.Dataset` (column ``image``), converted to RGB first."""
+
+    def __init__(self, hf_dataset, transform: Callable, image_key: str = "image"):
+        self.ds, self.transform, self.image_key = hf_dataset, transform, image_key
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self.ds[int(i)][self.image_key]
+        views = self.transform(img if img.mode == "RGB" else img.convert("RGB"))
+        return views[0], views[1]
+
+
+class SimCLR(nn.Module):
+    def __init__(self, backbone: nn.Module, feature_dim: int):
+        super().__init__()
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules import SimCLRProjectionHead
+
+        self.backbone = backbone
+        self.projection_head = SimCLRProjectionHead(feature_dim, feature_dim, 128)
+        self.criterion = NTXentLoss(temperature=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection_head(self.backbone(x))
+
+    def training_loss(self, x0: torch.Tensor, x1: torch.Tensor, step: int, total_steps: int) -> torch.Tensor:
+        return self.criterion(self(x0), self(x1))
+
+
+class BYOL(nn.Module):
+    def __init__(self, backbone: nn.Module, feature_dim: int):
+        super().__init__()
+        from lightly.loss import NegativeCosineSimilarity
+        from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        self.backbone = backbone
+        self.projection_head = BYOLProjectionHead(feature_dim, 1024, 256)
+        self.prediction_head = BYOLPredictionHead(256, 1024, 256)
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = NegativeCosineSimilarity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prediction_head(self.projection_head(self.backbone(x)))
+
+    @torch.no_grad()
+    def forward_momentum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection_head_momentum(self.backbone_momentum(x)).detach()
+
+    def training_loss(self, x0: torch.Tensor, x1: torch.Tensor, step: int, total_steps: int) -> torch.Tensor:
+        from lightly.models.utils import update_momentum
+        from lightly.utils.scheduler import cosine_schedule
+
+        m = cosine_schedule(step, total_steps, *BYOL_MOMENTUM)
+        update_momentum(self.backbone, self.backbone_momentum, m=m)
+        update_momentum(self.projection_head, self.projection_head_momentum, m=m)
+        p0, p1 = self(x0), self(x1)
+        z0, z1 = self.forward_momentum(x0), self.forward_momentum(x1)
+        return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
+
+
+def build_ssl_model(method: str, backbone: nn.Module) -> nn.Module:
+    feature_dim = int(backbone.num_features)
+    if method == "simclr":
+        return SimCLR(backbone, feature_dim)
+    if method == "byol":
+        return BYOL(backbone, feature_dim)
+    raise ValueError(f"unknown SSL method {method!r}; known: {', '.join(SSL_METHODS)}")
+
+
+def sgd_lr(batch_size: int) -> float:
+    return SGD_LR_PER_128 * batch_size / 128
+
+
+def _infinite(loader: torch.utils.data.DataLoader):
+    while True:
+        yield from loader
+
+
+def train_ssl(
+    method: str,
+    backbone: nn.Module,
+    hf_dataset,
+    *,
+    steps: int,
+    batch_size: int,
+    input_size: int,
+    mean,
+    std,
+    seed: int = 0,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    desc: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pretrain `backbone` in place with `method` for exactly `steps` SGD steps of `batch_size` images (2 views each).
+
+    Returns {"steps", "images", "views", "train_s" (loop wall time: data + compute), "step_s" (each step's wall
+    time, data loading included), "final_loss", "lr", "epochs"}.
+    """
+    from training.run.schedule import cosine_with_warmup
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if len(hf_dataset) < batch_size:
+        raise ValueError(f"{method}: {len(hf_dataset)} images are fewer than one batch of {batch_size}")
+    torch.manual_seed(seed)
+    model = build_ssl_model(method, backbone).to(device)
+    dataset = TwoViewDataset(hf_dataset, ssl_transform(method, input_size, mean, std))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                         num_workers=num_workers, persistent_workers=num_workers > 0,
+                                         generator=torch.Generator().manual_seed(seed))
+    lr = sgd_lr(batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY)
+    warmup = int(round(WARMUP_FRACTION * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, steps, warmup))
+    model.train()
+    step_s: list[float] = []
+    loss_value = math.nan
+    batches = _infinite(loader)
+    bar = tqdm(total=steps, desc=desc or method, unit="step", disable=not progress, leave=False)
+    start = last = time.perf_counter()
+    for step in range(steps):
+        x0, x1 = next(batches)
+        loss = model.training_loss(x0.to(device), x1.to(device), step, steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"{method}: non-finite loss at step {step + 1}")
+        now = time.perf_counter()
+        step_s.append(now - last)
+        last = now
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{batch_size / step_s[-1]:.0f}", refresh=False)
+    train_s = time.perf_counter() - start
+    bar.close()
+    backbone.eval()
+    return {"steps": steps, "images": steps * batch_size, "views": 2 * steps * batch_size, "train_s": train_s,
+            "step_s": step_s, "final_loss": loss_value, "lr": lr, "epochs": steps * batch_size / len(dataset)}

@@ -1,0 +1,267 @@
+"""A training run's folder: where checkpoints, the resolved recipe and metrics live, and how they are written.
+
+Shared by both trainers (`pretrain.py`, `train_teacher.py`), export (`hub/export.py`) and evaluation:
+
+    <run>/recipe.json                 the resolved recipe (pretrain.py)
+    <run>/args.json                   the command-line arguments
+    <run>/metrics.jsonl               one JSON line per logged step; cut back to the resumed step on --resume
+    <run>/checkpoints/step_N/         `accelerator.save_state` + run.json (what a resume must match)
+    <run>/checkpoints/.tmp_step_N/    a save in progress: renamed to step_N only when complete
+    <run>/checkpoints/.deleting_step_N/  a rotated-out checkpoint being deleted
+
+Nothing half-written ever takes a final name: checkpoints are saved under a temporary name and renamed when
+complete (the older ones are rotated out only after that), and files are replaced with an atomic rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from dreamteacher_models._timm_registry import WEIGHTS_FILENAME
+from dreamteacher_models.recipes import Recipe, recipe_from_dict
+
+logger = logging.getLogger(__name__)
+
+RESOLVED_RECIPE_FILENAME = "recipe.json"
+METRICS_FILENAME = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+RUN_FACTS_FILENAME = "run.json"  # in each checkpoint: the data, batch, processes and seed it was trained with
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding things in a run
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first (incomplete ones are never renamed to step_N)."""
+    steps = [p for p in (Path(run_dir) / CHECKPOINTS_DIR).glob("step_*") if p.name[5:].isdigit() and p.is_dir()]
+    return sorted(steps, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a training run, or None."""
+    steps = checkpoint_dirs(run_dir)
+    return steps[-1] if steps else None
+
+
+def find_run_checkpoint(path: Path) -> Path:
+    """The weights file inside a training run: `path` itself, its model file, or its latest checkpoint's."""
+    if path.is_file():
+        return path
+    if (path / WEIGHTS_FILENAME).is_file():
+        return path / WEIGHTS_FILENAME
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is not None and (checkpoint / WEIGHTS_FILENAME).is_file():
+        return checkpoint / WEIGHTS_FILENAME
+    raise FileNotFoundError(
+        f"no weights found at {path}: expected a .safetensors file, a folder with {WEIGHTS_FILENAME}, "
+        f"or a training run with {CHECKPOINTS_DIR}/step_N/{WEIGHTS_FILENAME}"
+    )
+
+
+def find_run_recipe(path: Path) -> Recipe | None:
+    """The resolved recipe a training run wrote, looked for beside the checkpoint and up to the run dir."""
+    for folder in [path if path.is_dir() else path.parent, *path.parents][:4]:
+        if (folder / RESOLVED_RECIPE_FILENAME).is_file():
+            return recipe_from_dict(json.loads((folder / RESOLVED_RECIPE_FILENAME).read_text()))
+    return None
+
+
+def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    """--resume: 'latest' (None, with a warning, when the run has no checkpoint yet) or a checkpoint folder."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            logger.warning("--resume latest: no checkpoint in %s/%s; starting from scratch", run_dir, CHECKPOINTS_DIR)
+        return found
+    path = Path(resume)
+    if not (path / WEIGHTS_FILENAME).is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (expected {path}/{WEIGHTS_FILENAME})")
+    return path
+
+
+def refuse_fresh_run_over_checkpoints(run_dir: Path) -> None:
+    """A fresh run into a folder with another run's checkpoints would mix with them (and lose to their
+    `--resume latest`): refuse it."""
+    found = latest_checkpoint(run_dir)
+    if found is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints of an earlier run (latest {found.name}); continue it with "
+            "--resume latest, or choose a new --output-dir (nothing was changed)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`, replacing an existing folder with no moment where neither is complete."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)
+
+
+def fresh_staging_dir(target: Path) -> Path:
+    """An empty `.<name>.tmp-<pid>` folder beside `target` to build its replacement in (created with the umask's
+    modes, so the result is as readable as a normally made folder), after removing the staging folders that
+    killed writers left there."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    staging.mkdir()
+    return staging
+
+
+def give_files_umask_modes(folder: Path) -> None:
+    """Files some writers create private (safetensors: 600) get the modes the umask gives a new file, so an
+    export on a shared machine is as readable as any file its owner makes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` for the block to write; renamed onto `path` when the block ends without an
+    error, removed when it raises: a reader sees the old or the new file, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` through a temporary file and a rename: a reader sees the old or the new content, never half."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def refuse_foreign_folder(folder: Path, own_names: set[str], what: str) -> None:
+    """An export replaces its target folder whole: refuse one that holds anything an export does not write, so a
+    user's files are never deleted."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder; choose another output folder")
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in own_names)
+    if foreign:
+        raise FileExistsError(
+            f"refusing to replace {folder}: it is not {what} and holds {', '.join(foreign[:8])}"
+            f"{' ...' if len(foreign) > 8 else ''}; choose an empty or new output folder (nothing was changed)"
+        )
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Delete what killed checkpoint saves and rotations left (partial .tmp_step_N, half-deleted .deleting_step_N);
+    the main process calls it when a run starts and before each save."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    for leftover in [*folder.glob(".tmp_step_*"), *folder.glob(".deleting_step_*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, facts: Mapping[str, Any]) -> Path:
+    """`accelerator.save_state` into checkpoints/.tmp_step_N plus run.json (`facts`), renamed to step_N when
+    complete; only then are checkpoints beyond the newest `keep` deleted (each renamed away first). A kill at any
+    moment leaves every step_N complete and the newest complete one in place."""
+    final = run_dir / CHECKPOINTS_DIR / f"step_{step}"
+    staging = run_dir / CHECKPOINTS_DIR / f".tmp_step_{step}"
+    if accelerator.is_main_process:
+        remove_leftovers(run_dir)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / RUN_FACTS_FILENAME).write_text(json.dumps(dict(facts), indent=2, sort_keys=True) + "\n")
+        replace_dir(staging, final)  # an existing step_N stays complete until the new one takes its name
+        for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+            trash = old.with_name(f".deleting_{old.name}")  # renamed first: never a half-deleted step_N
+            old.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def check_resume_facts(checkpoint: Path, facts: Mapping[str, Any], allow_mismatch: bool = False) -> None:
+    """Refuse a resume whose data, batch, process layout or seed differ from those the checkpoint was trained
+    with (its run.json), naming each difference; with `allow_mismatch`, warn and go on."""
+    saved_file = checkpoint / RUN_FACTS_FILENAME
+    if not saved_file.is_file():
+        logger.warning("%s has no %s: the resume cannot be checked against its data, batch and seed", checkpoint,
+                       RUN_FACTS_FILENAME)
+        return
+    saved = json.loads(saved_file.read_text())
+    now = json.loads(json.dumps(dict(facts)))
+    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+             if saved.get(k) != now.get(k)]
+    if not diffs:
+        return
+    message = f"resuming {checkpoint} with other settings than it was trained with ({'; '.join(diffs)})"
+    if allow_mismatch:
+        logger.warning("%s; continuing as --allow-resume-mismatch says", message)
+        return
+    raise ValueError(f"{message}; resume with the same settings, or pass --allow-resume-mismatch to continue anyway")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def resume_checkpoint(accelerator, checkpoint: Path, facts: Mapping[str, Any], allow_mismatch: bool, run_dir: Path,
+                      state, log: logging.Logger) -> None:
+    """Load `checkpoint` (weights, optimizer, schedule and every registered object, `state` included) after checking
+    it was made with the same `facts`; metrics.jsonl is cut back to the resumed step."""
+    check_resume_facts(checkpoint, facts, allow_mismatch)
+    accelerator.load_state(str(checkpoint))
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.step, state.epoch,
+             state.batch_in_epoch)
+    if accelerator.is_main_process and cut_metrics_to_step(run_dir, state.step):
+        log.info("metrics.jsonl cut back to step %d (lines after it, or torn by the kill, dropped)", state.step)
+
+
+def append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
+    """One JSON line per logged step, written whole and flushed (main process only)."""
+    with open(run_dir / METRICS_FILENAME, "a") as f:
+        f.write(json.dumps(dict(row)) + "\n")
+        f.flush()
+
+
+def cut_metrics_to_step(run_dir: Path, step: int) -> int:
+    """On resume from `step`: keep the lines of steps <= `step`, drop a torn last line (a kill mid-write) and the
+    steps the resumed run will log again. Rewritten atomically; returns how many lines were dropped."""
+    path = run_dir / METRICS_FILENAME
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if int(row.get("step", 0)) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    return dropped
