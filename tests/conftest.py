@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Tests use tiny tensors: one thread is as fast, and on a busy 2-core host two threads spin-wait for each other
-# (measured here: a tiny UNet forward took 2 s with 2 threads, 10 ms with 1).
+# (a tiny UNet forward slows down by orders of magnitude).
 torch.set_num_threads(1)
 
 

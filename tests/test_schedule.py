@@ -23,3 +23,11 @@ def test_a_single_step_after_warm_up_reaches_the_end_of_the_cosine():
     assert cosine_with_warmup(2, total_steps=3, warmup_steps=2) == pytest.approx(1.0)
     assert cosine_with_warmup(3, total_steps=3, warmup_steps=2) == pytest.approx(0.0, abs=1e-12)
     assert cosine_with_warmup(5, total_steps=5, warmup_steps=5) == pytest.approx(1.0)  # no decay phase at all
+
+
+def test_noise_seed_is_the_runs_seed_times_a_prime_plus_the_streams_index():
+    from training.run.schedule import SEED_STRIDE, noise_seed
+
+    assert SEED_STRIDE == 1_000_003  # checkpoints of earlier runs resume onto the same streams only with this value
+    assert [noise_seed(5, stream) for stream in (0, 1, 7)] == [5_000_015, 5_000_016, 5_000_022]
+    assert noise_seed(0, 3) == 3 and noise_seed(1, 0) != noise_seed(0, 1)

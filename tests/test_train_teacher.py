@@ -18,6 +18,8 @@ from safetensors import safe_open
 
 from tests.tiny import make_fmnist_dir
 from training import train_teacher
+from training.run.schedule import noise_seed
+from training.teacher import ddpm
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--block-out-channels", "8,8,16,16", "--norm-num-groups", "4", "--layers-per-block", "1",
@@ -190,7 +192,7 @@ def test_nan_loss_stops_before_the_optimizer_step(idx_dir, tmp_path, monkeypatch
             loss = F.mse_loss(*args, **kwargs)
             return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(train_teacher, "F", NanOnSecondStep())
+    monkeypatch.setattr(ddpm, "F", NanOnSecondStep())
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2 \(micro-batch 2\); stopped before the optimizer step.*"
                                                  r"step_1"):
         train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "3",
@@ -208,7 +210,7 @@ def test_script_entry_point_imports_from_any_cwd(tmp_path):
 
 
 def test_unet_decoder_levels_at_strides_8_4_2_1():
-    unet = train_teacher.build_unet(32, (8, 8, 16, 16), 1, norm_num_groups=4)
+    unet = ddpm.build_unet(32, (8, 8, 16, 16), 1, norm_num_groups=4)
     sizes = []
     hooks = [blk.resnets[-1].register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for blk in unet.up_blocks]
     with torch.no_grad():
@@ -261,19 +263,19 @@ def test_denoising_loss_targets_what_the_scheduler_predicts(prediction_type, rig
     g = torch.Generator().manual_seed(0)
     clean, noise = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
     t = torch.tensor([0, 250, 500, 999])
-    exact = train_teacher.denoising_loss(_OracleUNet(scheduler, clean, right), scheduler, clean, noise, t)
-    mistaken = train_teacher.denoising_loss(_OracleUNet(scheduler, clean, wrong), scheduler, clean, noise, t)
+    exact = ddpm.denoising_loss(_OracleUNet(scheduler, clean, right), scheduler, clean, noise, t)
+    mistaken = ddpm.denoising_loss(_OracleUNet(scheduler, clean, wrong), scheduler, clean, noise, t)
     assert exact.item() < 1e-8 and mistaken.item() > 0.5
 
 
 def test_the_default_teacher_is_trained_to_predict_the_noise():
-    assert train_teacher.build_scheduler().config.prediction_type == "epsilon"
+    assert ddpm.build_scheduler().config.prediction_type == "epsilon"
 
 
 def test_init_from_starts_from_a_teacher_folders_weights_and_a_resume_from_its_checkpoint(tmp_path, idx_dir):
     first = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "a"), "--max-steps", "2",
                                 "--checkpoint-every", "2", "--fp16-export", *TINY])
-    first_cost = train_teacher.training_cost(first)
+    first_cost = ddpm.training_cost(first)
     # lr 0: the optimizer leaves the weights as loaded, so the (fp32) EMA export must equal the fp16 folder's
     second = train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "b"), "--max-steps", "1",
                                  "--checkpoint-every", "1", "--init-from", str(first), *TINY, "--lr", "0"])
@@ -283,7 +285,7 @@ def test_init_from_starts_from_a_teacher_folders_weights_and_a_resume_from_its_c
         assert b[k].dtype == torch.float32 and torch.equal(a[k].float(), b[k]), k
     readme = (second / "README.md").read_text()
     assert f"| initialized from | {first} |" in readme and f"| prior training | {first_cost} |" in readme
-    assert train_teacher.training_cost(second).startswith(f"{first_cost}, then ")
+    assert ddpm.training_cost(second).startswith(f"{first_cost}, then ")
     assert "_name_or_path" not in json.loads((second / "unet" / "config.json").read_text())  # no local path
 
     # a resume takes the checkpoint's weights: the init folder is not read again (here it is gone)
@@ -312,8 +314,8 @@ def test_init_from_starts_from_a_teacher_folders_weights_and_a_resume_from_its_c
 def test_init_from_refuses_a_folder_the_flags_do_not_describe_before_reading_data(tmp_path, idx_dir, flags,
                                                                                    difference):
     teacher = tmp_path / "teacher"
-    train_teacher.build_unet(32, (8, 8, 16, 16), 1, norm_num_groups=4).save_pretrained(teacher / "unet")
-    train_teacher.build_scheduler().save_pretrained(teacher / "scheduler")
+    ddpm.build_unet(32, (8, 8, 16, 16), 1, norm_num_groups=4).save_pretrained(teacher / "unet")
+    ddpm.build_scheduler().save_pretrained(teacher / "scheduler")
     with pytest.raises(ValueError, match=difference):
         train_teacher.main(["--data-dir", str(tmp_path / "no-data-here"), "--output-dir", str(tmp_path / "run"),
                             "--max-steps", "1", "--init-from", str(teacher), *TINY, *flags])
@@ -405,25 +407,25 @@ def test_minute_based_checkpoints_and_stop_follow_the_training_clock(tmp_path, i
 
 
 def test_training_cost_reads_wall_time_machine_and_prior_training_from_a_teacher_readme(tmp_path):
-    assert train_teacher.training_cost(tmp_path) is None  # no README
+    assert ddpm.training_cost(tmp_path) is None  # no README
     (tmp_path / "README.md").write_text("| machine | 1x H200, 16 cores |\n")
-    assert train_teacher.training_cost(tmp_path) is None  # no wall time row
+    assert ddpm.training_cost(tmp_path) is None  # no wall time row
     (tmp_path / "README.md").write_text("| wall time | 7.0 min |\n")
-    assert train_teacher.training_cost(tmp_path) == "7.0 min"
+    assert ddpm.training_cost(tmp_path) == "7.0 min"
     (tmp_path / "README.md").write_text("| wall time | 7.0 min |\n| machine | 1x H200 (143 GB), 16 CPU cores |\n")
-    assert train_teacher.training_cost(tmp_path) == "7.0 min on 1x H200 (143 GB)"
+    assert ddpm.training_cost(tmp_path) == "7.0 min on 1x H200 (143 GB)"
     (tmp_path / "README.md").write_text("| wall time | 5.1 min |\n| machine | 1x H200 (device, shared by runs A, B; "
                                         "bf16), 16 cores; torch 2.11 |\n")
-    assert train_teacher.training_cost(tmp_path) == "5.1 min on 1x H200 (device, shared by runs A, B; bf16)"
+    assert ddpm.training_cost(tmp_path) == "5.1 min on 1x H200 (device, shared by runs A, B; bf16)"
     (tmp_path / "README.md").write_text("x | wall time | 1 min |\n| prior training | 7.0 min on 1x H200 |\n"
                                         "| wall time | 95.0 min |\n"
                                         "| machine | 2-core Xeon; torch 2.14.1, 2 threads |\n")
-    assert train_teacher.training_cost(tmp_path) == "7.0 min on 1x H200, then 95.0 min on 2-core Xeon"
+    assert ddpm.training_cost(tmp_path) == "7.0 min on 1x H200, then 95.0 min on 2-core Xeon"
 
 
 def test_init_from_accepts_a_folder_saved_by_another_diffusers_version(tmp_path, idx_dir):
     teacher = tmp_path / "teacher"
-    train_teacher.build_unet(32, (8, 8, 16, 16), 1, norm_num_groups=4).save_pretrained(teacher / "unet")
+    ddpm.build_unet(32, (8, 8, 16, 16), 1, norm_num_groups=4).save_pretrained(teacher / "unet")
     config = json.loads((teacher / "unet" / "config.json").read_text())
     config["_diffusers_version"] = "0.1.0"  # bookkeeping keys are not the architecture
     del config["num_class_embeds"]  # a key an older version did not write: nothing to compare it with
@@ -470,7 +472,7 @@ def test_sample_grid_places_each_image_row_major_and_scales_it(tmp_path):
     from PIL import Image
 
     images = (np.arange(1, 6, dtype=np.uint8) * 40)[:, None, None, None] * np.ones((5, 2, 3, 1), np.uint8)
-    train_teacher.save_grid(images, tmp_path / "g" / "grid.png", scale=2)
+    ddpm.save_grid(images, tmp_path / "g" / "grid.png", scale=2)
     small = np.zeros((2 * 2, 3 * 3), np.uint8)  # 5 images -> 3 columns, 2 rows; the 6th slot stays black
     for i in range(5):
         r, q = divmod(i, 3)
@@ -479,20 +481,20 @@ def test_sample_grid_places_each_image_row_major_and_scales_it(tmp_path):
     assert np.array_equal(grid, np.kron(small, np.ones((2, 2), np.uint8)))
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["grid.png"]  # no temp file left
     rgb = np.repeat(images, 3, axis=-1)
-    train_teacher.save_grid(rgb, tmp_path / "rgb.png", scale=1)
+    ddpm.save_grid(rgb, tmp_path / "rgb.png", scale=1)
     assert np.array_equal(np.array(Image.open(tmp_path / "rgb.png")), np.repeat(small[..., None], 3, axis=-1))
 
 
 def test_samples_are_seeded_uint8_images_and_leave_the_unets_mode_as_it_was():
-    unet = train_teacher.build_unet(32, (8, 8, 16, 16), 1, norm_num_groups=4)
-    scheduler = train_teacher.build_scheduler()
+    unet = ddpm.build_unet(32, (8, 8, 16, 16), 1, norm_num_groups=4)
+    scheduler = ddpm.build_scheduler()
     unet.train()
-    a = train_teacher.sample_images(unet, scheduler, 2, 2, seed=0)
+    a = ddpm.sample_images(unet, scheduler, 2, 2, seed=0)
     assert unet.training and a.dtype == np.uint8 and a.shape == (2, 32, 32, 3)
-    assert np.array_equal(a, train_teacher.sample_images(unet, scheduler, 2, 2, seed=0))
-    assert not np.array_equal(a, train_teacher.sample_images(unet, scheduler, 2, 2, seed=1))
+    assert np.array_equal(a, ddpm.sample_images(unet, scheduler, 2, 2, seed=0))
+    assert not np.array_equal(a, ddpm.sample_images(unet, scheduler, 2, 2, seed=1))
     unet.eval()
-    train_teacher.sample_images(unet, scheduler, 1, 1, seed=0)
+    ddpm.sample_images(unet, scheduler, 1, 1, seed=0)
     assert not unet.training
 
 
@@ -572,7 +574,7 @@ def test_each_micro_batch_gets_noise_and_timesteps_seeded_by_formula_on_images_i
     assert len(seen) == 2
     for micro_step, (clean, noise, t) in enumerate(seen):  # seed 3, one process: seeded by (seed, micro-step, rank)
         assert clean.shape == (8, 3, 16, 16) and clean.min() >= -1 and clean.max() <= 1  # --resolution, in [-1, 1]
-        generator = torch.Generator().manual_seed(3 * 1_000_003 + micro_step)
+        generator = torch.Generator().manual_seed(noise_seed(3, micro_step))
         assert torch.equal(noise, torch.randn(clean.shape, generator=generator))
         assert torch.equal(t, torch.randint(0, 1000, (8,), generator=generator))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from dreamteacher_models.recipes import DEFAULT_RECIPE, get_recipe  # noqa: E402
+from dreamteacher_models.recipes import DEFAULT_RECIPE, apply_overrides, get_recipe  # noqa: E402
 from training.distill.losses import layer_norm_features  # noqa: E402
 from training.protocols.classification import knn_classify, linear_probe  # noqa: E402
 from training.protocols.evaluation import dataset_labels, load_split, subsample  # noqa: E402
@@ -122,6 +122,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help="teacher, data and preprocessing from this recipe")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a recipe field, repeatable (e.g. --set teacher.source=DIR)")
     p.add_argument("--teacher", help="teacher folder / Hub id (default: the recipe's teacher.source)")
     p.add_argument("--timesteps", default=None,
                    help="comma-separated timesteps to probe (default: 10, 50, 150 and the recipe's)")
@@ -154,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    recipe = get_recipe(args.recipe)
+    recipe = apply_overrides(get_recipe(args.recipe), args.overrides)
     timesteps = args.timesteps or sorted({10, 50, 150, recipe.teacher.timestep})
     transform = build_transform(recipe.data, train=False)
 

@@ -27,6 +27,7 @@ import shutil  # noqa: E402
 import time  # noqa: E402
 
 from training.run.hardware import describe_machine  # noqa: E402
+from training.run.layout import write_text_atomic  # noqa: E402
 
 # name -> extra arguments for training/pretrain.py (on top of the recipe)
 VARIANTS = {
@@ -107,10 +108,8 @@ def main(argv=None) -> dict:
         report["results"][name] = {"args": argv_run, "scores": scores, "train_seconds": train_s}
         report["machine"] = describe_machine()
         out_json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_json.with_name(f".{out_json.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, out_json)
-        out_json.with_suffix(".md").write_text(f"{table(report['results'])}\n\n{report['machine']}\n")
+        write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")
+        write_text_atomic(out_json.with_suffix(".md"), f"{table(report['results'])}\n\n{report['machine']}\n")
         print(table(report["results"]), flush=True)
     return report
 

@@ -73,7 +73,8 @@ from torch import nn  # noqa: E402
 from benchmarks.common import matmul_gflops  # noqa: E402
 from dreamteacher_models.recipes import DEFAULT_RECIPE, Recipe, apply_overrides, get_recipe  # noqa: E402
 from training.run.hardware import describe_machine  # noqa: E402
-from training.train_teacher import training_cost  # noqa: E402
+from training.run.layout import write_text_atomic  # noqa: E402
+from training.teacher.ddpm import training_cost  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]  # benchmarks/<kind>/ -> the repository root
 METHODS = ("random", "pixels", "simclr", "byol", "dreamteacher", "dreamteacher-cached", "dreamteacher-recipe",
@@ -458,9 +459,7 @@ def write_report(report: dict[str, Any], out_dir: Path, tag: str) -> tuple[Path,
     report["table"] = format_table(report["methods"])
     for path, text in ((md, f"# In-domain Fashion-MNIST, {tag}\n\n" + render(report)),
                        (js, json.dumps(report, indent=2, default=str) + "\n")):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text_atomic(path, text)
     return md, js
 
 

@@ -65,6 +65,7 @@ MODULES = {
     "training/inspect_teacher.py": ["tests/test_inspect_teacher.py"],
     "training/pretrain.py": ["tests/test_pretrain.py", "tests/test_feature_cache.py", "tests/test_label_distill.py"],
     "training/train_teacher.py": ["tests/test_train_teacher.py"],
+    "training/teacher/ddpm.py": ["tests/test_train_teacher.py"],
 }
 # tests that run a module as a script in a subprocess: mutmut's mutated copy cannot run outside mutmut
 SCRIPT_TESTS = {
@@ -170,9 +171,9 @@ EQUIVALENT = {
                                             "path starts at C5): zeroed or dropped gradients step alike",
     "training.pretrain.x_main__mutmut_620": "timm's two parameter groups (with and without weight decay) share one lr",
     "training.pretrain.x_open_feature_cache__mutmut_17": "'' and None are both falsy: the cache is opened either way",
-    "training.train_teacher.x_denoising_loss__mutmut_24": "diffusers' output object indexes like its tuple: [0] is "
+    "training.teacher.ddpm.x_denoising_loss__mutmut_24": "diffusers' output object indexes like its tuple: [0] is "
                                                           ".sample either way",
-    "training.train_teacher.x_save_grid__mutmut_42": "a NEAREST resize by 1 is the identity",
+    "training.teacher.ddpm.x_save_grid__mutmut_42": "a NEAREST resize by 1 is the identity",
     "training.train_teacher.x_main__mutmut_417": "tqdm's dynamic_ncols: how wide the bar is drawn",
     "training.train_teacher.x_main__mutmut_421": "None and False are both falsy",
     "training.train_teacher.x_main__mutmut_477": "torch.randint(0, n, ...) and torch.randint(n, ...) are one op",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-SEED_STRIDE = 1_000_003  # a prime larger than any stream index, so (seed, stream) pairs never share a seed
+SEED_STRIDE = 1_000_003  # a prime: runs with nearby seeds share no stream's seed below a million streams
 
 
 def noise_seed(seed: int, stream: int) -> int:
