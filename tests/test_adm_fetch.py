@@ -116,3 +116,30 @@ def test_a_cut_connection_is_an_error_not_a_short_file(tiny_official, monkeypatc
     with pytest.raises(FileNotFoundError, match="stopped after 10 of"):
         resolve_adm_name("adm:tiny")
     assert _files(cache) == []
+
+
+@pytest.mark.parametrize("by_hand", [False, True])
+def test_a_file_of_the_wrong_size_is_refused_before_it_is_hashed(tiny_official, monkeypatch, by_hand):
+    published, digest, cache = tiny_official
+    size = published.stat().st_size
+    monkeypatch.setitem(adm_fetch.OFFICIAL_CHECKPOINTS, "tiny",
+                        OfficialCheckpoint(published.as_uri(), digest, size=size + 1))
+
+    def never_hashed(path):
+        raise AssertionError(f"{path} was hashed although its size was wrong")
+
+    monkeypatch.setattr(adm_fetch, "sha256_file", never_hashed)
+    if by_hand:  # put in the cache by hand: kept, with what to do
+        cache.mkdir(parents=True)
+        (cache / "tiny.pt").write_bytes(published.read_bytes())
+    with pytest.raises(ValueError, match=rf"tiny\.pt has {size:,} bytes, the official file {size + 1:,}: "
+                                         + ("delete it and download" if by_hand else "the download was deleted")):
+        resolve_adm_name("adm:tiny")
+    assert _files(cache) == (["tiny.pt"] if by_hand else [])
+
+
+def test_the_papers_teacher_is_pinned_to_its_real_digest_and_size():
+    official = adm_fetch.OFFICIAL_CHECKPOINTS["256x256_diffusion_uncond"]
+    assert official.sha256 == "a37c32fffd316cd494cf3f35b339936debdc1576dad13fe57c42399a5dbc78b1"
+    assert official.size == 2_211_383_297
+    assert official.url.endswith("/diffusion/jul-2021/256x256_diffusion_uncond.pt")

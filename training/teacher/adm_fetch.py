@@ -9,9 +9,9 @@ lock, so one fetches and converts while the others wait for the result. Only the
 offered: the class-conditional ones need class labels the teacher is never given.
 
 Pickle safety: OpenAI publishes only PyTorch pickles. A download is loaded (with `torch.load(weights_only=True)`)
-only once its SHA-256 equals the one recorded here. OpenAI publishes no hashes: the one for
-256x256_diffusion_uncond.pt (the paper's teacher) is the one Disco Diffusion checks its downloads against. The
-other presets have none recorded: their first download is refused unless the name carries one,
+only once its size and SHA-256 equal the ones recorded here (the size first: a truncated or wrong file is refused
+without reading 2 GB). OpenAI publishes no hashes; see OFFICIAL_CHECKPOINTS for where the recorded one comes from.
+The other presets have none recorded: their first download is refused unless the name carries one,
 `adm:lsun_cat@<sha256>`, and the refusal prints the digest the download had, to check and pass on.
 """
 
@@ -42,11 +42,17 @@ _BASE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021"
 class OfficialCheckpoint:
     url: str
     sha256: str | None  # None: no trustworthy digest known; the user must supply one
+    size: int | None = None  # bytes; checked before the digest
 
 
 OFFICIAL_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
+    # The digest and size of 256x256_diffusion_uncond.pt as later Disco Diffusion notebooks, independent download
+    # scripts and a reproduction manifest agree on. (An early Disco Diffusion notebook's `model_256_SHA` line held
+    # 983e3de6...613a, which is the digest of its secondary_model_imagenet_2.pth: pinned here before, it refused the
+    # real file.)
     "256x256_diffusion_uncond": OfficialCheckpoint(
-        f"{_BASE_URL}/256x256_diffusion_uncond.pt", "983e3de6f95c88c81b2ca7ebb2c217933be1973b1ff058776b970f901584613a"
+        f"{_BASE_URL}/256x256_diffusion_uncond.pt", "a37c32fffd316cd494cf3f35b339936debdc1576dad13fe57c42399a5dbc78b1",
+        size=2_211_383_297,
     ),
     **{name: OfficialCheckpoint(f"{_BASE_URL}/{name}.pt", None)
        for name in ("lsun_bedroom", "lsun_cat", "lsun_horse", "lsun_horse_nodropout")},
@@ -124,6 +130,12 @@ def _resolve_locked(spec: str, preset: str, expected_sha256: str, root: Path) ->
             _download(official.url, checkpoint)
         except (urllib.error.URLError, OSError) as error:
             raise FileNotFoundError(f"could not download {official.url} ({error}): {how}") from error
+    size = checkpoint.stat().st_size
+    if official.size is not None and not expected_sha256 and size != official.size:
+        if downloaded:  # not the official file: never kept
+            checkpoint.unlink()
+        raise ValueError(f"{checkpoint} has {size:,} bytes, the official file {official.size:,}: "
+                         + ("the download was deleted" if downloaded else f"delete it and {how}"))
     digest = sha256_file(checkpoint)
     if expected is None:
         raise ValueError(f"{checkpoint} has SHA-256 {digest}, and no official digest is recorded for {preset}: check "
