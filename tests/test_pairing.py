@@ -112,3 +112,18 @@ def test_the_recipes_zero_init_last_reaches_the_student(zero_init_last, gamma):
     recipe = dataclasses.replace(get_recipe("resnet18.dreamteacher_fmnist"), zero_init_last=zero_init_last)
     student = build_backbone(recipe)
     assert all(block.bn2.weight.eq(gamma).all() for block in student.layer1)
+
+
+@pytest.mark.parametrize("name", ["resnet18.dreamteacher_fmnist", "resnet50.dreamteacher_in1k",
+                                  "convnext_base.dreamteacher_in1k"])
+def test_every_trainable_parameter_of_each_recipes_student_gets_a_gradient(name):
+    """DDP stops a run at its second step when a trainable parameter got no gradient ("expected to have finished
+    reduction"): what the pyramid read never reaches (a ConvNeXt's head.norm) must be frozen, nothing else."""
+    recipe = dataclasses.replace(get_recipe(name), regressor_width=8)
+    model, notes = build_distiller(recipe, {s: 4 for s in (4, 8, 16, 32)})
+    sum(p.sum() for p in model(torch.randn(2, 3, 64, 64))).backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable
+    frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+    assert frozen == (["student.head.norm.bias", "student.head.norm.weight"] if "convnext" in name else [])
+    assert any("frozen at their init: head.norm.weight, head.norm.bias" in n for n in notes) == ("convnext" in name)

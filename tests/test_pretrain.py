@@ -172,11 +172,12 @@ def test_data_that_gives_no_batch_fails_instead_of_looping_forever(tmp_path, tea
         pretrain.main(_args(tmp_path / "b", teacher_dir, broken, "--max-steps", "2"))
 
 
-def _accelerate(*launch_args: str, cwd: Path, tmp_path: Path, teacher_dir: Path, idx_dir: Path, steps: int = 2):
+def _accelerate(*launch_args: str, cwd: Path, tmp_path: Path, teacher_dir: Path, idx_dir: Path, steps: int = 2,
+                extra: tuple[str, ...] = ()):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "HF_HOME": str(tmp_path / "hf")}
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "training/pretrain.py",
-               *_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", str(steps), threads=False)]
+               *_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", str(steps), *extra, threads=False)]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -488,3 +489,17 @@ def test_the_teacher_runs_in_the_dtype_asked_for_else_in_the_runs_mixed_precisio
     finally:
         AcceleratorState._reset_state(True)
     assert built == [(dtype, channels_last, torch.device("cpu"))]
+
+
+def test_a_convnext_student_trains_under_two_process_ddp(tmp_path, teacher_dir, idx_dir):
+    """The ImageNet ConvNeXt recipe's family on 2 gloo processes: without its unreached head.norm frozen, DDP stops
+    at the second step waiting for that parameter's gradient."""
+    result = _accelerate("--config_file", "configs/accelerate/cpu_2proc.yaml", cwd=REPO, tmp_path=tmp_path,
+                         teacher_dir=teacher_dir, idx_dir=idx_dir, steps=3,
+                         extra=["--set", "arch=convnext_atto", "--set", "zero_init_last=None"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(4 x 2 processes x 1 accumulation)" in result.stderr
+    assert "frozen at their init: head.norm.weight, head.norm.bias" in result.stderr
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2, 3]
+    model = timm.create_model(f"local-dir:{tmp_path / 'run' / 'export'}", pretrained=True)
+    assert type(model).__name__ == "ConvNeXt"

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from dreamteacher_models.recipes import LossConfig, Recipe
 from training.distill.losses import feature_distillation_loss
 from training.distill.pairing import LevelPair, pair_levels, pooled_targets
-from training.distill.regressor import FeatureRegressor, student_levels, student_pyramid
+from training.distill.regressor import FeatureRegressor, freeze_unreached, student_levels, student_pyramid
 from training.run.backbones import build_backbone
 
 
@@ -56,7 +56,11 @@ def build_distiller(recipe: Recipe, teacher_channels: Mapping[int, int]) -> tupl
     used = [s for s in sorted(levels) if s >= pairs[0].student_stride]  # finest paired level .. C5
     regressor = FeatureRegressor([levels[s][1] for s in used], [target_of.get(s, 0) for s in used],
                                  width=recipe.regressor_width, ppm_bins=recipe.ppm_bins)
-    return Distiller(student, [levels[s][0] for s in used], regressor, pairs), notes
+    indices = [levels[s][0] for s in used]
+    frozen = freeze_unreached(student, indices)
+    if frozen:
+        notes = [*notes, f"student parameters the distillation never reaches, frozen at their init: {', '.join(frozen)}"]
+    return Distiller(student, indices, regressor, pairs), notes
 
 
 def distillation_loss(predictions: Sequence[Tensor], teacher_maps: Mapping[int, Tensor], pairs: Sequence[LevelPair],

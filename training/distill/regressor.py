@@ -3,6 +3,7 @@ feature regressor that maps them onto the teacher taps they are paired with (tra
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +42,20 @@ def student_levels(model: nn.Module, arch: str = "model") -> dict[int, tuple[int
     strides = sorted({r for r in reductions if r in (2, *PYRAMID_STRIDES)})
     indices = select_pyramid_indices(reductions, arch, strides)
     return {s: (i, model.feature_info[i]["num_chs"]) for s, i in zip(strides, indices, strict=True)}
+
+
+def freeze_unreached(model: nn.Module, indices: Sequence[int]) -> list[str]:
+    """Freeze the parameters that reading the levels at `indices` never reaches (a ConvNeXt's head.norm, an
+    EfficientNet's conv_head and bn2) and return their names. They keep their init and stay in the state dict (the
+    export is timm's whole headless model), but DDP needs every trainable parameter to get a gradient each step.
+    Found by one backward through a copy on the meta device: no memory, no arithmetic, no random numbers."""
+    probe = copy.deepcopy(model).to("meta").eval()
+    outputs = student_pyramid(probe, torch.zeros(1, 3, 64, 64, device="meta"), indices)
+    sum(o.sum() for o in outputs).backward()
+    unreached = [name for name, p in probe.named_parameters() if p.requires_grad and p.grad is None]
+    for name in unreached:
+        model.get_parameter(name).requires_grad_(False)
+    return unreached
 
 
 def student_pyramid(model: nn.Module, images: Tensor, indices: Sequence[int]) -> list[Tensor]:
