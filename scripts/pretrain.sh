@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+source scripts/python.sh
+"$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   training/pretrain.py "$@"

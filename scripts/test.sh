@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-HF_HUB_OFFLINE=1 python -m pytest -n auto "$@"  # one worker per core (pytest-xdist)
+source scripts/python.sh
+HF_HUB_OFFLINE=1 "$PY" -m pytest -n auto "$@"  # one worker per core (pytest-xdist)
