@@ -146,6 +146,8 @@ class FakeAccelerator:
     at barriers (each recorded in `waits` as is_main_process), saves state (`save_state` writes a model.safetensors
     holding "weights of <folder name>" and records the folder name in `saved`) and unwraps its model (as is)."""
 
+    num_processes = 1  # the folder checks of several processes (training/run/shared_disk.py) are not run
+
     def __init__(self, main: bool = True, waits: list | None = None):
         import torch
 

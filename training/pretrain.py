@@ -69,6 +69,7 @@ from training.run.layout import (
     write_text_atomic,
 )
 from training.run.schedule import TrainState, cosine_with_warmup, noise_seed, plan_batches
+from training.run.shared_disk import check_shared_folder
 from training.teacher.build import build_teacher
 from training.teacher.sources import teacher_source
 from training.teacher.taps import describe_taps
@@ -181,6 +182,7 @@ def open_feature_cache(args, recipe: Recipe, teacher, dataset, accelerator: Acce
     """The run's teacher-feature cache, built by the main process when missing while the others wait."""
     key = cache_key(teacher, dataset, data_source=str(args.data_dir or args.dataset or recipe.data.name),
                     encodings=args.cache_encodings, flips=recipe.data.hflip, seed=args.seed)
+    check_shared_folder(accelerator, Path(args.feature_cache), "the feature cache (--feature-cache)")
     cache = None
     if accelerator.is_main_process:
         cache = open_or_build_feature_cache(args.feature_cache, teacher, dataset, key, build=True,
@@ -269,6 +271,7 @@ def open_run_folder(args, recipe: Recipe, output_dir: Path, accelerator: Acceler
     if resume_from is not None and saved.is_file() and recipe_from_dict(json.loads(saved.read_text())) != recipe:
         raise ValueError(f"--resume: {saved} differs from this run's recipe; resume with the same recipe/overrides")
     accelerator.wait_for_everyone()  # every rank has read recipe.json before the main process rewrites it
+    check_shared_folder(accelerator, output_dir, "the run folder (--output-dir)")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_leftovers(output_dir)

@@ -56,6 +56,7 @@ from training.run.layout import (  # noqa: E402
     write_text_atomic,
 )
 from training.run.schedule import TrainState, noise_seed, plan_batches  # noqa: E402
+from training.run.shared_disk import check_shared_folder  # noqa: E402
 from training.teacher.ddpm import (  # noqa: E402
     TEACHER_EXPORT_FILES,
     build_scheduler,
@@ -292,6 +293,7 @@ def main(argv: list[str] | None = None) -> Path:
     set_seed(args.seed)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(args.threads or cpu_threads_per_process())
+    check_shared_folder(accelerator, output_dir, "the run folder (--output-dir)")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_leftovers(output_dir)
