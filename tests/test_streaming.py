@@ -89,3 +89,26 @@ def test_two_ranks_stream_disjoint_halves_that_cover_the_data(tmp_path, layout, 
     assert len(set(rank0) | set(rank1)) == 12
     for r in ranks:  # a mid-epoch resume goes on where the stream stopped, flipped alike: no repeat, no gap
         assert len(r["before"]) == 2 and r["before"] + r["after"] == r["epoch"]
+
+
+@pytest.mark.parametrize("shards, world_size, warned", [(4, 2, False), (3, 2, True)])
+def test_the_sharding_mode_is_logged_and_reading_everything_on_every_rank_is_warned(caplog, shards, world_size,
+                                                                                   warned):
+    import datasets
+
+    from training.run.data import split_streaming
+
+    stream = datasets.Dataset.from_dict({"x": list(range(12))}).to_iterable_dataset(num_shards=shards)
+    with caplog.at_level("INFO", logger="training.run.data"):
+        mine = split_streaming(stream, seed=0, buffer_size=4, rank=0, world_size=world_size)
+        split_streaming(stream, seed=0, buffer_size=4, rank=1, world_size=world_size)  # only rank 0 says it
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    if warned:
+        assert warnings == [f"streaming: {shards} shards are not a multiple of {world_size} ranks, so every rank reads "
+                            f"the whole stream and keeps every {world_size}-th example ({world_size}x the reading); a "
+                            f"dataset with a multiple of {world_size} shards lets each rank read only its own"]
+    else:
+        assert not warnings and infos == [f"streaming: {shards} shards over {world_size} ranks, each rank reads its "
+                                          f"own {shards // world_size}"]
+    assert len(list(mine)) == 12 // world_size  # either way a rank keeps its share, no example twice

@@ -48,6 +48,7 @@ from training.distill.pairing import describe_pairs
 from training.distill.regressor import student_levels
 from training.labels.task_head import build_task_head, label_distillation_loss, load_interpreter, save_task_head
 from training.run.data import (
+    SHUFFLE_BUFFER,
     ImageDataset,
     StreamingImageDataset,
     build_dataloader,
@@ -87,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--data-dir", help="a folder of images (imagefolder) or of Fashion-MNIST IDX files")
     data.add_argument("--dataset", help="a Hub dataset id (default: the recipe's, when no local copy is found)")
     data.add_argument("--streaming", action="store_true", help="stream the Hub dataset instead of downloading it")
+    data.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_BUFFER,
+                      help=f"--streaming: examples held per DataLoader worker for shuffling (default "
+                           f"{SHUFFLE_BUFFER:,}; ImageNet JPEGs: about 1.1 GB a worker, lower it when memory is short)")
     data.add_argument("--limit-images", type=int, help="train on the first N images only (quick runs, tests)")
     data.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
     data.add_argument("--threads", type=int,
@@ -119,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--max-grad-norm", type=float,
                      help="clip the gradient norm to this (the recipe's optim.grad_clip; 0: no clipping)")
     run.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
-                     help="override the mixed precision `accelerate launch` / `accelerate config` set (default: theirs)")
+                     help="override the mixed precision `accelerate launch` / `accelerate config` set "
+                          "(default: theirs)")
     run.add_argument("--seed", type=int, default=0)
     ckpt = p.add_argument_group("checkpoints and logging")
     ckpt.add_argument("--checkpoint-every", type=int, default=500, help="save a checkpoint every N steps (0: end only)")
@@ -158,7 +163,8 @@ def build_data(args, recipe: Recipe, accelerator: Accelerator):
     source = data_source(args.data_dir, args.dataset)
     hf = load_image_dataset(source, split="train", recipe_data=recipe.data, streaming=args.streaming)
     if args.streaming:
-        hf = split_streaming(hf, seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        hf = split_streaming(hf, seed=args.seed, buffer_size=args.shuffle_buffer, rank=accelerator.process_index,
+                             world_size=accelerator.num_processes)
         if args.limit_images:
             hf = hf.take(args.limit_images)
         augment_seed = noise_seed(args.seed, accelerator.process_index)  # each rank flips its own images

@@ -464,15 +464,31 @@ def build_dataloader(
     return torch.utils.data.DataLoader(dataset, sampler=sampler, **common)
 
 
-def split_streaming(dataset, seed: int = 0, buffer_size: int = 10_000, rank: int | None = None,
+SHUFFLE_BUFFER = 10_000  # examples held per DataLoader worker; ImageNet JPEGs (~110 KB each): about 1.1 GB
+
+
+def split_streaming(dataset, seed: int = 0, buffer_size: int = SHUFFLE_BUFFER, rank: int | None = None,
                     world_size: int | None = None):
-    """Shard a streaming ``datasets.IterableDataset`` across ranks and shuffle it with a seeded buffer."""
+    """Shard a streaming ``datasets.IterableDataset`` across ranks and shuffle it with a seeded buffer.
+
+    `datasets` gives each rank its own shards only when the shard count is a multiple of the ranks; otherwise every
+    rank reads the whole stream and keeps every world_size-th example (no example twice, but world_size times the
+    reading). Rank 0 logs which mode the run is in, and warns in the second.
+    """
     from datasets.distributed import split_dataset_by_node
 
     if rank is None or world_size is None:
         rank = int(os.environ.get("RANK", 0))
         world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1:
+        shards = getattr(dataset, "num_shards", None) or getattr(dataset, "n_shards", None)
+        if rank == 0 and shards and shards % world_size:
+            logger.warning("streaming: %d shards are not a multiple of %d ranks, so every rank reads the whole stream "
+                           "and keeps every %d-th example (%dx the reading); a dataset with a multiple of %d shards "
+                           "lets each rank read only its own", shards, world_size, world_size, world_size, world_size)
+        elif rank == 0:
+            logger.info("streaming: %s shards over %d ranks, each rank reads its own %s", shards or "?", world_size,
+                        f"{shards // world_size}" if shards else "share")
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     return dataset.shuffle(seed=seed, buffer_size=buffer_size)
 
