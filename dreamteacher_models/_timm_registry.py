@@ -4,7 +4,8 @@ timm has no public hook to add a pretrained tag to an architecture it already re
 `resnet50` would wipe its own tags), so `register_recipes` fills the same private structures that
 `timm.models.register_model` fills, appending our tags after timm's own so no default changes. It also wraps
 the architecture's entrypoint so that `pretrained=True` on a DreamTeacher tag whose weights cannot be had
-fails at once with a message a user can act on, instead of a bare 404 or a long network retry.
+fails with a message a user can act on, instead of a bare 404: offline at once, online after the Hub says so (the
+Hub is asked even for weights this release calls unpublished, so they load the day they appear).
 tests/test_timm_registry.py pins this contract; the timm range it holds for is pinned in pyproject.toml.
 """
 
@@ -14,6 +15,7 @@ import functools
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from pathlib import Path
 
 import timm
 from timm.models import _registry
@@ -128,12 +130,15 @@ def _guard_entrypoint(entrypoint: Callable) -> Callable:
         if recipe is None or not pretrained or overlay.get("file") or overlay.get("state_dict"):
             return entrypoint(pretrained=pretrained, pretrained_cfg=pretrained_cfg,
                               pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs)
-        if (recipe.status != "published" or hub_offline()) and not _is_cached(recipe, kwargs.get("cache_dir")):
+        if hub_offline() and not _is_cached(recipe, kwargs.get("cache_dir")):  # the answer, at once
             raise WeightsNotAvailableError(weights_not_available_message(recipe))
+        # online the Hub is asked even for weights this release calls unpublished: they load the day they appear
+        from huggingface_hub.errors import EntryNotFoundError
+
         try:
             return entrypoint(pretrained=pretrained, pretrained_cfg=pretrained_cfg,
                               pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs)
-        except OSError as error:  # huggingface_hub's HTTP and offline errors are OSErrors
+        except (OSError, EntryNotFoundError) as error:  # huggingface_hub's HTTP, not-found and offline errors
             raise WeightsNotAvailableError(f"{weights_not_available_message(recipe)}\nCause: {error}") from error
 
     guarded._dreamteacher_guarded = True
@@ -158,6 +163,10 @@ def weights_not_available_message(recipe: Recipe) -> str:
         why += "(offline with no cached copy, or the Hub could not be reached)."
     else:
         why = f"Weights for {recipe.name} are not published yet (Hub repo {recipe.hub_id} does not hold them)."
+    export = Path("runs") / recipe.name / "export"
+    if (export / WEIGHTS_FILENAME).is_file():  # what training/pretrain.py wrote here for this recipe
+        why += (f"\nAn export of {recipe.name} trained here exists; load it with\n"
+                f"  timm.create_model('local-dir:{export}', pretrained=True)")
     return (
         f"{why}\n"
         f"Train and export them yourself:\n"

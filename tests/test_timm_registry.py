@@ -202,10 +202,58 @@ def online_but_no_network(monkeypatch):
     return attempts
 
 
-def test_online_unpublished_weights_are_refused_without_a_network_call(tmp_path, online_but_no_network):
-    with pytest.raises(WeightsNotAvailableError, match="not published"):
+def test_online_unpublished_weights_are_asked_of_the_hub_so_they_load_the_day_they_appear(tmp_path,
+                                                                                          online_but_no_network):
+    recipe = get_recipe("resnet50.dreamteacher_in1k")
+    with pytest.raises(WeightsNotAvailableError, match=r"(?s)not published.*Cause: test: no network"):
+        timm.create_model(recipe.name, pretrained=True, cache_dir=tmp_path)
+    assert online_but_no_network == [("hf_hub_download", recipe.hub_id, "model.safetensors")]
+
+
+def test_the_hubs_not_found_answer_becomes_our_message(tmp_path, monkeypatch):
+    """What the Hub says for a repo without the file (huggingface_hub's own error type), mocked."""
+    import timm.models._hub as timm_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def not_there(repo_id, filename=None, **kwargs):
+        raise EntryNotFoundError(f"404: {repo_id} has no {filename}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(timm_hub, "hf_hub_download", not_there)
+    with pytest.raises(WeightsNotAvailableError, match=r"(?s)not published yet .*accelerate launch training/pretrain"
+                                                       r".*Cause: 404: dreamteacher/resnet50\.dreamteacher_in1k has no "
+                                                       r"model\.safetensors"):
         timm.create_model("resnet50.dreamteacher_in1k", pretrained=True, cache_dir=tmp_path)
-    assert online_but_no_network == []
+
+
+def test_weights_present_on_the_hub_load_although_this_release_calls_them_unpublished(tmp_path, monkeypatch):
+    recipe = get_recipe("resnet18.dreamteacher_fmnist")
+    assert recipe.status == "unpublished"
+    trained = timm.create_model("resnet18", num_classes=0)
+    timm.models.save_for_hf(trained, tmp_path / "published", safe_serialization=True)  # what the Hub now holds
+    downloads = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    import timm.models._hub as timm_hub
+
+    def download(repo_id, filename=None, **kwargs):
+        downloads.append((repo_id, filename))
+        return str(tmp_path / "published" / filename)
+
+    monkeypatch.setattr(timm_hub, "hf_hub_download", download)
+    model = timm.create_model(recipe.name, pretrained=True, cache_dir=tmp_path)
+    assert downloads == [(recipe.hub_id, "model.safetensors")]
+    assert torch.equal(model.state_dict()["conv1.weight"], trained.state_dict()["conv1.weight"])
+
+
+def test_the_message_names_an_export_of_the_recipe_trained_here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    export = tmp_path / "runs" / "resnet18.dreamteacher_fmnist" / "export"
+    export.mkdir(parents=True)
+    (export / "model.safetensors").write_bytes(b"")
+    with pytest.raises(WeightsNotAvailableError, match=r"An export of resnet18\.dreamteacher_fmnist trained here "
+                                                       r"exists; load it with\n  timm\.create_model\('local-dir:runs/"
+                                                       r"resnet18\.dreamteacher_fmnist/export', pretrained=True\)"):
+        timm.create_model("resnet18.dreamteacher_fmnist", pretrained=True, cache_dir=tmp_path)
 
 
 def test_online_published_weights_are_fetched_from_the_recipes_repo(tmp_path, monkeypatch, online_but_no_network):
