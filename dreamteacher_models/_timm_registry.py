@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import timm
-from timm.models import _registry
+from timm.models import _factory, _registry
 from timm.models._pretrained import DefaultCfg, PretrainedCfg
 
 from .recipes import CODE_URL, PAPER_ID, Recipe, UnknownRecipeError, list_recipes
@@ -80,6 +80,11 @@ def _check_timm_internals() -> None:
             "dreamteacher_models supports the timm range pinned in its pyproject.toml. "
             "Install a supported timm (e.g. `pip install 'timm>=1.0.15,<1.1'`) or upgrade dreamteacher-models."
         )
+    if not callable(getattr(_factory, "load_model_config_from_hf", None)):
+        raise TimmRegistryChanged(
+            f"timm {timm.__version__}: timm.models._factory.load_model_config_from_hf (how `hf-hub:` names are "
+            "read) is gone; install a timm in the range pinned by dreamteacher-models."
+        )
     default_cfg = _registry._model_default_cfgs.get("resnet50")
     if not isinstance(default_cfg, DefaultCfg) or not hasattr(default_cfg, "tags") or not hasattr(default_cfg, "cfgs"):
         raise TimmRegistryChanged(
@@ -108,10 +113,35 @@ def register_recipes(recipes: Iterable[Recipe]) -> None:
             _registry._model_has_pretrained.add(recipe.name)
             if recipe.name not in _registry._model_with_tags[arch]:
                 _registry._model_with_tags[arch].append(recipe.name)
+        _BY_HUB_ID.update({r.hub_id: r for r in arch_recipes})
         entrypoint = _registry._model_entrypoints[arch]
         if not getattr(entrypoint, "_dreamteacher_guarded", False):
             _registry._model_entrypoints[arch] = _guard_entrypoint(entrypoint)
         _registry._model_entrypoints[arch]._dreamteacher_recipes.update({r.tag: r for r in arch_recipes})
+    if not getattr(_factory.load_model_config_from_hf, "_dreamteacher_guarded", False):
+        _factory.load_model_config_from_hf = _guard_hub_config(_factory.load_model_config_from_hf)
+
+
+_BY_HUB_ID: dict[str, Recipe] = {}  # hub repo id -> recipe, for `hf-hub:` names
+
+
+def _guard_hub_config(load: Callable) -> Callable:
+    """`hf-hub:<one of our repos>`: timm reads the repo's config.json before any entrypoint runs; a repo that does
+    not hold it (yet) gets our message instead of huggingface_hub's. Every other repo passes straight through."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    @functools.wraps(load)
+    def guarded(model_id: str, *args, **kwargs):
+        recipe = _BY_HUB_ID.get(model_id.split("@")[0])
+        if recipe is None:
+            return load(model_id, *args, **kwargs)
+        try:
+            return load(model_id, *args, **kwargs)
+        except (OSError, EntryNotFoundError) as error:
+            raise WeightsNotAvailableError(f"{weights_not_available_message(recipe)}\nCause: {error}") from error
+
+    guarded._dreamteacher_guarded = True
+    return guarded
 
 
 def _guard_entrypoint(entrypoint: Callable) -> Callable:

@@ -262,3 +262,21 @@ def test_online_published_weights_are_fetched_from_the_recipes_repo(tmp_path, mo
     with pytest.raises(WeightsNotAvailableError, match="Cause: test: no network"):
         timm.create_model(recipe.name, pretrained=True, cache_dir=tmp_path)
     assert online_but_no_network == [("hf_hub_download", recipe.hub_id, "model.safetensors")]
+
+
+def test_an_hf_hub_name_of_our_repo_without_weights_gets_our_message(tmp_path, monkeypatch):
+    """timm reads an `hf-hub:` repo's config.json before any entrypoint runs; our repos' not-found is ours."""
+    import timm.models._hub as timm_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def not_there(repo_id, filename=None, **kwargs):
+        raise EntryNotFoundError(f"404: {repo_id} has no {filename}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(timm_hub, "hf_hub_download", not_there)
+    with pytest.raises(WeightsNotAvailableError, match=r"(?s)resnet50\.dreamteacher_in1k are not published yet.*"
+                                                       r"Cause: 404: dreamteacher/resnet50\.dreamteacher_in1k has no "
+                                                       r"config\.json"):
+        timm.create_model("hf-hub:dreamteacher/resnet50.dreamteacher_in1k", pretrained=True, cache_dir=tmp_path)
+    with pytest.raises(EntryNotFoundError, match="someone/else has no config.json"):  # other repos: timm's own path
+        timm.create_model("hf-hub:someone/else", pretrained=True, cache_dir=tmp_path)
