@@ -210,8 +210,9 @@ def test_online_unpublished_weights_are_asked_of_the_hub_so_they_load_the_day_th
     assert online_but_no_network == [("hf_hub_download", recipe.hub_id, "model.safetensors")]
 
 
-def test_the_hubs_not_found_answer_becomes_our_message(tmp_path, monkeypatch):
-    """What the Hub says for a repo without the file (huggingface_hub's own error type), mocked."""
+@pytest.fixture
+def hub_without_the_files(monkeypatch):
+    """Online, and the Hub answers every download with huggingface_hub's own not-found error (mocked)."""
     import timm.models._hub as timm_hub
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -220,6 +221,10 @@ def test_the_hubs_not_found_answer_becomes_our_message(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(timm_hub, "hf_hub_download", not_there)
+    return EntryNotFoundError
+
+
+def test_the_hubs_not_found_answer_becomes_our_message(tmp_path, hub_without_the_files):
     with pytest.raises(WeightsNotAvailableError, match=r"(?s)not published yet .*accelerate launch training/pretrain"
                                                        r".*Cause: 404: dreamteacher/resnet50\.dreamteacher_in1k has no "
                                                        r"model\.safetensors"):
@@ -264,19 +269,11 @@ def test_online_published_weights_are_fetched_from_the_recipes_repo(tmp_path, mo
     assert online_but_no_network == [("hf_hub_download", recipe.hub_id, "model.safetensors")]
 
 
-def test_an_hf_hub_name_of_our_repo_without_weights_gets_our_message(tmp_path, monkeypatch):
+def test_an_hf_hub_name_of_our_repo_without_weights_gets_our_message(tmp_path, hub_without_the_files):
     """timm reads an `hf-hub:` repo's config.json before any entrypoint runs; our repos' not-found is ours."""
-    import timm.models._hub as timm_hub
-    from huggingface_hub.errors import EntryNotFoundError
-
-    def not_there(repo_id, filename=None, **kwargs):
-        raise EntryNotFoundError(f"404: {repo_id} has no {filename}")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(timm_hub, "hf_hub_download", not_there)
     with pytest.raises(WeightsNotAvailableError, match=r"(?s)resnet50\.dreamteacher_in1k are not published yet.*"
                                                        r"Cause: 404: dreamteacher/resnet50\.dreamteacher_in1k has no "
                                                        r"config\.json"):
         timm.create_model("hf-hub:dreamteacher/resnet50.dreamteacher_in1k", pretrained=True, cache_dir=tmp_path)
-    with pytest.raises(EntryNotFoundError, match="someone/else has no config.json"):  # other repos: timm's own path
+    with pytest.raises(hub_without_the_files, match="someone/else has no config.json"):  # other repos: timm's own path
         timm.create_model("hf-hub:someone/else", pretrained=True, cache_dir=tmp_path)
