@@ -14,8 +14,7 @@ import torch
 
 from dreamteacher_models.recipes import IMAGENET_MEAN, IMAGENET_STD, RECIPES, TeacherConfig
 from tests.tiny import MEAN, STD, TINY_UNET, teacher_config, tiny_images
-from training.teacher.adm import adm_output_block_names
-from training.teacher.build import _adm_folder_output_blocks, _convert_adm, build_teacher
+from training.teacher.build import _convert_adm, build_teacher
 from training.teacher.frozen import DEFAULT_DDIM_STEPS
 from training.teacher.sources import _how_to_get, _is_hub_id, _load_scheduler
 from training.teacher.sources import logger as sources_logger
@@ -197,23 +196,9 @@ def _write_adm_flags(folder, flags):
     (folder / "adm_flags.json").write_text(json.dumps({"flags": dataclasses.asdict(flags)}))
 
 
-def test_a_converted_folders_adm_numbering_comes_from_its_flags_then_the_recipes_preset(tmp_path):
-    from training.teacher import adm
-
-    small = dataclasses.replace(adm.PRESETS["256x256_diffusion_uncond"], num_res_blocks=1,
-                                channel_mult=(1, 2), image_size=32)
-    big = adm.PRESETS["256x256_diffusion_uncond"]
-    _write_adm_flags(tmp_path / "root", small)
-    _write_adm_flags(tmp_path / "nested" / "unet", small)
-    (tmp_path / "bare").mkdir()
-    for source in (tmp_path / "root", tmp_path / "nested"):  # the folder's own flags win over the recipe's preset
-        assert _adm_folder_output_blocks(str(source), "256x256_diffusion_uncond") == adm_output_block_names(small)
-    assert len(adm_output_block_names(small)) == 2 * 2  # 2 levels x (1 res block + 1)
-    assert _adm_folder_output_blocks(str(tmp_path / "bare"), "256x256_diffusion_uncond") == \
-        adm_output_block_names(big)
-    assert _adm_folder_output_blocks(str(tmp_path / "bare"), None) is None
+def test_an_adm_checkpoint_needs_a_known_preset(tmp_path):
     with pytest.raises(ValueError, match=r"adm_preset set to one of \[.*'256x256_diffusion_uncond'.*\], got 'nope'"):
-        _adm_folder_output_blocks(str(tmp_path / "bare"), "nope")
+        _convert_adm(str(tmp_path / "x.pt"), "nope")
     with pytest.raises(ValueError, match=r"got None"):
         _convert_adm(str(tmp_path / "x.pt"), None)
 
@@ -226,7 +211,6 @@ def test_an_adm_checkpoint_gets_the_noise_schedule_it_was_trained_with(preset, s
     converted = {}
     monkeypatch.setattr(adm, "load_checkpoint", lambda source: {"read": source})
     monkeypatch.setattr(adm, "convert", lambda sd, flags: converted.update(sd=sd, flags=flags) or "unet")
-    unet, scheduler, blocks = _convert_adm("/ckpt.pt", preset)
+    unet, scheduler = _convert_adm("/ckpt.pt", preset)
     assert unet == "unet" and converted == {"sd": {"read": "/ckpt.pt"}, "flags": adm.PRESETS[preset]}
     assert scheduler.config.beta_schedule == schedule and scheduler.config.num_train_timesteps == 1000
-    assert blocks == adm_output_block_names(adm.PRESETS[preset])

@@ -84,9 +84,7 @@ def test_adm256_default_taps_are_the_papers_output_blocks():
     adm = pytest.importorskip("training.teacher.adm")
     with torch.device("meta"):
         unet = UNet2DModel(**adm.diffusers_config("256x256_diffusion_uncond"))
-    mapping = adm_output_block_names("256x256_diffusion_uncond")
-    assert output_block_names(unet) == mapping  # structure-derived numbering agrees with adm.py's
-    paper = resolve_tap_names(unet, [f"output_blocks.{k}" for k in (2, 5, 8, 11)], mapping)
+    paper = resolve_tap_names(unet, [f"output_blocks.{k}" for k in (2, 5, 8, 11)])
     assert paper == default_tap_names(unet)
     taps, order = probe_taps(unet, paper)
     assert [(t.stride, t.channels) for t in taps] == [(4, 512), (8, 512), (16, 1024), (32, 1024)]
@@ -134,3 +132,13 @@ def test_describe_taps_table_for_a_non_square_size_that_does_not_fit(unet_dir):
         "| up_blocks.1.resnets.1 | output_blocks.3 | 4 | 16 | (B, 16, 4, 1) |",
         "| up_blocks.0.resnets.1 | output_blocks.1 | 8 | 16 | (B, 16, 2, 1) |",
     ])
+
+
+@pytest.mark.parametrize("preset", ["256x256_diffusion_uncond", "64x64_diffusion", "lsun_bedroom"])
+def test_the_numbering_read_off_a_converted_unet_is_the_converters_own(preset):
+    """Teachers resolve "output_blocks.K" from the UNet's structure alone; for every converted ADM preset that equals
+    training/teacher/adm.py's map from the flags (which records the taps in adm_flags.json)."""
+    adm = pytest.importorskip("training.teacher.adm")
+    with torch.device("meta"):
+        unet = UNet2DModel(**adm.diffusers_config(preset))
+    assert output_block_names(unet) == adm_output_block_names(preset)

@@ -41,14 +41,13 @@ def build_adm_teacher(recipe, device, dtype, channels_last, checkpoint=None):
     from diffusers import DDPMScheduler, UNet2DModel
 
     from training.teacher import adm
-    from training.teacher.adm import adm_output_block_names
     from training.teacher.frozen import FrozenTeacher
 
     unet = adm.convert(adm.load_checkpoint(checkpoint), PRESET) if checkpoint else \
         UNet2DModel(**adm.diffusers_config(PRESET))
     return FrozenTeacher(unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"),
                          recipe.teacher.timestep, recipe.data.mean, recipe.data.std, taps=recipe.teacher.taps,
-                         output_blocks=adm_output_block_names(PRESET), device=device, dtype=dtype,
+                         device=device, dtype=dtype,
                          channels_last=channels_last, kind="adm", source=checkpoint or "random ADM-256")
 
 

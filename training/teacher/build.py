@@ -25,25 +25,13 @@ def _adm_flags(preset: str | None):
 
 
 def _convert_adm(source: str, preset: str | None):
-    """(UNet2DModel, scheduler, output_blocks mapping) from a guided-diffusion .pt/.safetensors via training/teacher/adm.py."""
+    """(UNet2DModel, scheduler) from a guided-diffusion .pt/.safetensors via training/teacher/adm.py."""
     from diffusers import DDPMScheduler
 
     flags = _adm_flags(preset)
     unet = adm.convert(adm.load_checkpoint(source), flags)
     schedule = "squaredcos_cap_v2" if preset in _ADM_COSINE_PRESETS else "linear"  # = ADM's cosine schedule
-    return unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule), adm.adm_output_block_names(flags)
-
-
-def _adm_folder_output_blocks(source: str, preset: str | None) -> dict[int, str] | None:
-    """ADM numbering for a converted folder: from its adm_flags.json, else the recipe's preset, else None."""
-    path = Path(source).expanduser()
-    flags = None
-    for folder in (path, path / "unet"):
-        if folder.is_dir():
-            flags = flags or adm.read_adm_flags(folder)
-    if flags is None and preset is not None:
-        flags = _adm_flags(preset)
-    return None if flags is None else adm.adm_output_block_names(flags)
+    return unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule)
 
 
 def build_teacher(
@@ -72,17 +60,15 @@ def build_teacher(
     kind = config.kind
     if is_adm_name(src):  # OpenAI's checkpoint by name: fetched, checked and converted once into the cache
         src, kind = resolve_adm_name(src), "adm"
-    vae = prompt = output_blocks = None
+    vae = prompt = None
     if kind in ("unet", "adm"):
         if kind == "adm" and src.endswith(WEIGHT_SUFFIXES):
             if not Path(src).expanduser().is_file():
                 raise _missing(kind, src, "no such checkpoint file")
-            unet, scheduler, output_blocks = _convert_adm(str(Path(src).expanduser()), config.adm_preset)
+            unet, scheduler = _convert_adm(str(Path(src).expanduser()), config.adm_preset)
         else:
             unet = _load_component(UNet2DModel, src, "unet", kind)
             scheduler = _load_scheduler(src)
-            if kind == "adm":
-                output_blocks = _adm_folder_output_blocks(src, config.adm_preset)
     elif kind == "latent":
         unet = _load_component(UNet2DConditionModel, src, "unet", kind, root_ok=False)
         vae = _load_component(AutoencoderKL, src, "vae", kind, root_ok=False)
@@ -106,7 +92,6 @@ def build_teacher(
         dtype=dtype,
         channels_last=channels_last,
         early_stop=early_stop,
-        output_blocks=output_blocks,
         kind=kind,
         source=src,
     )

@@ -55,7 +55,6 @@ class FrozenTeacher:
         dtype: torch.dtype | None = None,
         channels_last: bool = False,
         early_stop: bool = True,
-        output_blocks: dict[int, str] | None = None,
         kind: str = "unet",
         source: str | None = None,
     ):
@@ -115,7 +114,7 @@ class FrozenTeacher:
             net.requires_grad_(False)
             net.eval()
 
-        self._names = resolve_tap_names(unet, taps, output_blocks)
+        self._names = resolve_tap_names(unet, taps)
         prompt_shape = None if self.prompt_embedding is None else tuple(self.prompt_embedding.shape)
         self.taps, self._run_order = probe_taps(unet, self._names, self.latent_factor, prompt_shape)
         self._last_tap = self._run_order[-1]

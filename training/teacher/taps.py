@@ -91,18 +91,16 @@ def listed_tap_names(unet: nn.Module) -> list[str]:
     return names
 
 
-def resolve_tap_names(
-    unet: nn.Module, taps: Sequence[str], output_blocks: dict[int, str] | None = None
-) -> tuple[str, ...]:
+def resolve_tap_names(unet: nn.Module, taps: Sequence[str]) -> tuple[str, ...]:
     """Module paths for `taps` (() = the default taps). Unknown names raise a ValueError listing valid ones.
 
-    "output_blocks.K" is translated with `output_blocks` (training/teacher/adm.py's mapping for ADM teachers) or else
-    `output_block_names(unet)`, which derives the same numbering from the UNet's structure.
+    "output_blocks.K" is translated with `output_block_names(unet)`, ADM's numbering read off the UNet's structure
+    (for a converted ADM it equals training/teacher/adm.py's map from the flags: tests/test_teacher_taps.py).
     """
     if not taps:
         return default_tap_names(unet)
     modules = dict(unet.named_modules())
-    adm_names = output_blocks if output_blocks is not None else output_block_names(unet)
+    adm_names = output_block_names(unet)
     resolved = []
     for tap in taps:
         m = _OUTPUT_BLOCK.match(tap)
