@@ -462,7 +462,8 @@ def test_cli_help_preset_and_errors(tmp_path, capsys, small_sd):
     torch.save(small_sd, ckpt)
     # the paper preset against a checkpoint of another shape: exit 2 with the flag named, nothing written
     assert (
-        convert_adm.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--preset", "256x256_diffusion_uncond"]) == 2
+        convert_adm.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--preset",
+                          "256x256_diffusion_uncond"]) == 2
     )
     assert "num_channels" in capsys.readouterr().err
     assert (

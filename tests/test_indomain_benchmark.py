@@ -1,4 +1,5 @@
-"""benchmarks/experiments/indomain_fmnist.py end to end on tiny data: every method pretrains, every protocol is reported."""
+"""benchmarks/experiments/indomain_fmnist.py end to end on tiny data: every method pretrains, every protocol is
+reported."""
 
 from __future__ import annotations
 

@@ -193,7 +193,8 @@ def test_nan_loss_stops_before_the_optimizer_step(idx_dir, tmp_path, monkeypatch
             return loss * float("nan") if calls["n"] == 2 else loss
 
     monkeypatch.setattr(ddpm, "F", NanOnSecondStep())
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2 \(micro-batch 2\); stopped before the optimizer step.*"
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2 \(micro-batch 2\); stopped before the "
+                                                 r"optimizer step.*"
                                                  r"step_1"):
         train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "3",
                             "--checkpoint-every", "1", *TINY])

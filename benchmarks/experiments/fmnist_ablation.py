@@ -3,7 +3,7 @@ should use. Each variant trains `training/pretrain.py` for the same number of st
 and is scored by `training/evaluate.py` (linear probe, kNN, fine-tune with 1% and 10% of the labels).
 
     python benchmarks/experiments/fmnist_ablation.py --variants pairs_c2c3,pairs_all4 --tag r1
-    python benchmarks/experiments/fmnist_ablation.py --variant mine="--set loss.at_weight=3 --lr 1e-3"   # an ad-hoc variant
+    python benchmarks/experiments/fmnist_ablation.py --variant mine="--set loss.at_weight=3 --lr 1e-3"  # ad-hoc
 
 Scores depend on the seed and the step count, not on the machine's speed, so variants run at different times
 compare fairly; the wall time of each run is recorded too. Results go to `benchmarks/results/fmnist_ablation/

@@ -1,6 +1,6 @@
 """In-domain Fashion-MNIST: DreamTeacher vs SimCLR vs BYOL vs random init, at the same wall-clock pretraining budget.
 
-    python benchmarks/experiments/indomain_fmnist.py                                   # 6 min per method, full evaluation
+    python benchmarks/experiments/indomain_fmnist.py                       # 6 min per method, full evaluation
     python benchmarks/experiments/indomain_fmnist.py --budget-minutes 0.5 --max-train 2000 --max-test 1000 --tag quick
     python benchmarks/experiments/indomain_fmnist.py --methods dreamteacher --set teacher.timestep=250 --tag t250
     python benchmarks/experiments/indomain_fmnist.py --budget-minutes 30 --tag b30_full --resume \
@@ -13,7 +13,8 @@ the DreamTeacher run, the teacher reference and the data). Every backbone starts
 
 * random      no pretraining (seeded init): the floor.
 * pixels      no network: the normalised 3x32x32 pixels, flattened (linear probe and kNN only): a reference.
-* simclr      lightly's SimCLR (benchmarks/experiments/ssl_baselines.py: heads, NTXentLoss, SimCLRTransform at 32 px, SGD).
+* simclr      lightly's SimCLR (benchmarks/experiments/ssl_baselines.py: heads, NTXentLoss, SimCLRTransform at
+              32 px, SGD).
 * byol        lightly's BYOL (same file: heads, momentum encoder with a cosine momentum schedule, BYOLTransform).
 * dreamteacher  training/pretrain.py with the recipe and its teacher (`--teacher`, default the recipe's source).
 * dreamteacher-cached  the same reading its targets from the opt-in teacher-feature cache (`--feature-cache`, K=2
@@ -53,7 +54,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python benchmarks/experiments/indomain_fmnist.py` puts benchmarks/, not the repo, on sys.path
+if __package__ in (None, ""):  # run as a script: put the repository root, not benchmarks/experiments/, on sys.path
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import argparse  # noqa: E402

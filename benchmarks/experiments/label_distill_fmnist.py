@@ -1,6 +1,6 @@
 """Label distillation on Fashion-MNIST with 1% of the labels: does mix-distillation beat feature distillation?
 
-    python benchmarks/experiments/label_distill_fmnist.py                                   # the recipe's length, full split
+    python benchmarks/experiments/label_distill_fmnist.py                   # the recipe's length, full split
     python benchmarks/experiments/label_distill_fmnist.py --steps 40 --max-train 2000 --max-test 1000 --tag quick
 
 With the same 600 labels (1%, class-balanced: the split `training/evaluate.py` fine-tunes on), it compares

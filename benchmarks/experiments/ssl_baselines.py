@@ -1,6 +1,7 @@
 """SimCLR and BYOL baselines built from the `lightly` library (its heads, losses, transforms and schedule).
 
-Benchmark-only code (`pip install -e .[bench]`): used by benchmarks/experiments/indomain_fmnist.py to pretrain a timm backbone
+Benchmark-only code (`pip install -e .[bench]`): used by benchmarks/experiments/indomain_fmnist.py to pretrain a timm
+backbone
 with a peer self-supervised method for a fixed number of steps, so it can be compared with DreamTeacher at the same
 wall-clock budget. The models follow lightly's own examples (examples/pytorch/simclr.py, byol.py):
 

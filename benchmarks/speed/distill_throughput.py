@@ -1,6 +1,6 @@
 """Images/s of a full DreamTeacher distillation step vs its parts, at the same batch and resolution.
 
-    python benchmarks/speed/distill_throughput.py                       # fmnist recipe shapes, a random 4-level UNet teacher
+    python benchmarks/speed/distill_throughput.py             # fmnist recipe shapes, a random 4-level UNet teacher
     python benchmarks/speed/distill_throughput.py --teacher teachers/ddpm-fashion-mnist-32 --batch 64 --rounds 10
 
 Variants (interleaved A B C D per round, medians): the student's bare forward+backward+step; the teacher's

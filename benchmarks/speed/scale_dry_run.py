@@ -1,9 +1,10 @@
 """The ImageNet recipes at full size, for a few steps on synthetic images: per-image cost of each part, peak memory.
 
     python benchmarks/speed/scale_dry_run.py --device cuda --batch 64 --bf16 --channels-last   # one GPU
-    python benchmarks/speed/scale_dry_run.py --device cpu --batch 1 --steps 2 --students resnet50   # shapes and a CPU figure
+    python benchmarks/speed/scale_dry_run.py --device cpu --batch 1 --steps 2 --students resnet50  # shapes, CPU figure
 
-The teacher is the paper's ADM-256 (`256x256_diffusion_uncond` architecture from training/teacher/adm.py's preset, random
+The teacher is the paper's ADM-256 (`256x256_diffusion_uncond` architecture from training/teacher/adm.py's preset,
+random
 weights unless `--adm-checkpoint` names OpenAI's .pt), tapped as the recipe says (output blocks 3/6/9/12 at
 strides 32/16/8/4, t = 150); the students are the recipes' resnet50 and convnext_base with their FPN + PPM
 regressor, LAMB, and the trainer's own loss (training/distill/distiller.py `distillation_loss`). Printed per student:

@@ -59,7 +59,8 @@ def build_distiller(recipe: Recipe, teacher_channels: Mapping[int, int]) -> tupl
     indices = [levels[s][0] for s in used]
     frozen = freeze_unreached(student, indices)
     if frozen:
-        notes = [*notes, f"student parameters the distillation never reaches, frozen at their init: {', '.join(frozen)}"]
+        notes = [*notes, "student parameters the distillation never reaches, frozen at their init: "
+                 + ", ".join(frozen)]
     return Distiller(student, indices, regressor, pairs), notes
 
 

@@ -104,8 +104,8 @@ class FeatureRegressor(nn.Module):
     PPM on the coarsest level gives the top of an FPN top-down path (lateral 1x1 conv+BN+ReLU on every finer level,
     upsample+add, then a 3x3 conv+BN+ReLU output conv on each level that has a target; as in UperNet the PPM's own
     3x3 fusion conv is the coarsest level's output conv), then a 1x1 head per paired level to the teacher's channel
-    count. Predictions stay on the student's grid: the targets are pooled to it (training/distill/pairing.py), so no map is
-    ever larger than the finest level given. After pretraining the regressor is discarded.
+    count. Predictions stay on the student's grid: the targets are pooled to it (training/distill/pairing.py), so no
+    map is ever larger than the finest level given. After pretraining the regressor is discarded.
 
     `out_channels[i]` is the teacher channel count level i regresses, or 0 for a level without a target (it still
     carries the top-down path, so a coarse unpaired level still learns through the finer levels' losses).

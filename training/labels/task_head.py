@@ -10,8 +10,8 @@ training/train_interpreter.py, frozen, and gives the student a task head:
 * masks: `DenseHead`, UperNet-like on the regressor's pyramid: each level's prediction projected by a 1x1 conv,
   upsampled bilinearly to the finest level's grid and summed, GroupNorm + Swish, a 1x1 conv to class logits.
 
-Each step adds L_ld = soft cross-entropy at the recipe's temperature (training/distill/losses.py) between the head's logits
-and the interpreter's logits on the same teacher features (resized to the head's grid for masks), weighted by
+Each step adds L_ld = soft cross-entropy at the recipe's temperature (training/labels/losses.py) between the head's
+logits and the interpreter's logits on the same teacher features (resized to the head's grid for masks), weighted by
 `label_distill.weight`. The exported backbone is unchanged; `--export-task-head` also writes the head.
 """
 

@@ -78,7 +78,8 @@ def load_empty_prompt_embedding(source: str) -> Tensor:
             "latent",
             source,
             f"no {EMPTY_PROMPT_FILE} and `transformers` is not installed to compute it; run "
-            f"`python training/inspect_teacher.py --store-empty-prompt-embedding {source}` where transformers is installed",
+            f"`python training/inspect_teacher.py --store-empty-prompt-embedding {source}` where transformers is "
+            "installed",
         ) from None
     where = str(path) if path.exists() else source
     tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer")
