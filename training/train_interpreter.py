@@ -13,8 +13,9 @@ The teacher is the recipe's (its taps paired with the student, at the recipe's t
   its gray value exceeds `--mask-threshold`; no such labels ship with Fashion-MNIST), the first `--labels` train
   images; `DenseInterpreter`, CE + 3 Dice; validated by mean IoU on t10k.
 * `masks`: a label-efficient segmentation benchmark folder (DDPM-seg / DatasetGAN layout,
-  training/labels/dense_masks.py: images + `.npy` class masks in real/train and real/test), the first `--labels` train images, `--num-classes`
-  (read from the folder's name for ffhq_34, celeba_19, bedroom_28, cat_15, horse_21); ignore id 255.
+  training/labels/dense_masks.py: images + `.npy` class masks in real/train and real/test), the first `--labels`
+  train images, `--num-classes` (read from the folder's name for ffhq_34, celeba_19, bedroom_28, cat_15, horse_21);
+  ignore id 255.
 
 Features are computed batch by batch with a fresh stochastic encoding each time (the same augmentation the
 student's targets get), never held for the whole set, so memory stays at one batch whatever the labeled set's
