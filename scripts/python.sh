@@ -11,8 +11,8 @@ else
     echo "error: no python or python3 on PATH; install Python 3.10+ (Debian: apt-get install python3 python3-venv)" >&2
     exit 1
   }
-  if "$base" -c 'import os, sys, sysconfig
-sys.exit(os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+  if "$base" -c 'import os, sys, sysconfig  # PEP 668: the marker binds only outside a virtual environment
+sys.exit(sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
     PY="$base"
   else
     echo "setup: $base is managed by the system (PEP 668), so packages go into a project virtual environment: .venv" >&2

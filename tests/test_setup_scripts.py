@@ -1,10 +1,8 @@
 """scripts/python.sh: which Python the README's two commands install into and run with."""
 
-import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -22,8 +20,9 @@ def _chosen(folder: Path, path: str, **env) -> subprocess.CompletedProcess:
 
 
 def _externally_managed(python: str) -> bool:
-    code = ("import os, sysconfig; "
-            "print(os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))")
+    """PEP 668: pip refuses `python` when its stdlib holds the marker and it is not a virtual environment's."""
+    code = ("import os, sys, sysconfig; print(sys.prefix == sys.base_prefix and "
+            "os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))")
     return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip() == "True"
 
 
@@ -36,11 +35,13 @@ def test_an_active_virtual_environment_is_used(tmp_path):
 
 
 def test_a_python_that_pip_may_install_into_is_used_as_it_is(tmp_path):
-    if os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")):
+    """The Python running the tests is one pip installs into (a venv's, or one the OS does not manage)."""
+    if _externally_managed(sys.executable):
         pytest.skip("the Python running the tests is managed by the system")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a link would lose a venv
+    (bin_dir / "python").chmod(0o755)
     result = _chosen(tmp_path, f"{bin_dir}:{SYSTEM_PATH}")
     assert result.stdout.strip() == f"PY={bin_dir / 'python'}", result.stderr
     assert not (tmp_path / ".venv").exists()
