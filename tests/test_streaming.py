@@ -112,3 +112,29 @@ def test_the_sharding_mode_is_logged_and_reading_everything_on_every_rank_is_war
         assert not warnings and infos == [f"streaming: {shards} shards over {world_size} ranks, each rank reads its "
                                           f"own {shards // world_size}"]
     assert len(list(mine)) == 12 // world_size  # either way a rank keeps its share, no example twice
+
+
+def test_a_corrupt_streamed_image_is_skipped_and_the_rest_of_the_stream_still_comes(caplog):
+    """`datasets` decodes inside its iterator, where an error ends the stream: the images are decoded one by one
+    under the dataset's own guard instead, so six examples with the third corrupt give five images and one skip."""
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from training.run.data import StreamingImageDataset
+
+    def png(value):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    images = [png(10 * i) for i in range(6)]
+    images[2] = {"bytes": b"not a png", "path": None}
+    stream = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+    first_pixel = StreamingImageDataset(stream.to_iterable_dataset(), lambda image: np.asarray(image)[0, 0, 0])
+    with caplog.at_level("WARNING", logger="training.run.data"):
+        items = list(first_pixel)
+    assert [None if item is None else int(item["pixel_values"]) for item in items] == [0, 10, None, 30, 40, 50]
+    assert "skipping unreadable streamed image 2: UnidentifiedImageError" in caplog.text

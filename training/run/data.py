@@ -502,6 +502,14 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, hf_iterable, transform: Callable, image_key: str = "image", label_key: str | None = "label",
                  seed: int | None = None):
+        import datasets
+
+        # `datasets` decodes an image inside its iterator, where an error ends the iterator (and the rest of the
+        # epoch with it): take the encoded image and decode it here, one example at a time, under our guard
+        feature = (getattr(hf_iterable, "features", None) or {}).get(image_key)
+        self.decoder = feature if isinstance(feature, datasets.Image) and feature.decode else None
+        if self.decoder is not None:
+            hf_iterable = hf_iterable.cast_column(image_key, datasets.Image(decode=False))
         self.ds, self.transform, self.image_key, self.label_key = hf_iterable, transform, image_key, label_key
         self.seed, self.epoch = seed, 0
 
@@ -536,7 +544,10 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
                 i += 1
                 continue
             try:
-                out = {"pixel_values": self._augment(row[self.image_key], i)}
+                image = row[self.image_key]
+                if self.decoder is not None:
+                    image = self.decoder.decode_example(image)
+                out = {"pixel_values": self._augment(image, i)}
                 if self.label_key and self.label_key in row:
                     out["label"] = int(row[self.label_key])
                 yield out
