@@ -503,3 +503,14 @@ def test_a_convnext_student_trains_under_two_process_ddp(tmp_path, teacher_dir, 
     assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2, 3]
     model = timm.create_model(f"local-dir:{tmp_path / 'run' / 'export'}", pretrained=True)
     assert type(model).__name__ == "ConvNeXt"
+
+
+def test_a_fresh_start_drops_the_metrics_of_a_killed_run_that_left_no_checkpoint(tmp_path, teacher_dir, idx_dir,
+                                                                                caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss/loss": 9.0}\n{"step": 2, "loss/lo')  # torn by the kill
+    with caplog.at_level("INFO", logger="dreamteacher"):
+        pretrain.main(_args(out, teacher_dir, idx_dir, "--max-steps", "2", "--no-export"))
+    assert [r["step"] for r in _metrics(out)] == [1, 2] and all(r["loss/loss"] != 9.0 for r in _metrics(out))
+    assert "metrics.jsonl of an earlier run that left no checkpoint dropped: this run logs from step 1" in caplog.text

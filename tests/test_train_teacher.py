@@ -146,6 +146,15 @@ def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints(tmp_path,
         train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(run), "--max-steps", "2", *TINY])
 
 
+def test_a_fresh_start_drops_the_metrics_of_a_killed_run_that_left_no_checkpoint(tmp_path, idx_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')  # torn by the kill
+    train_teacher.main(["--data-dir", str(idx_dir), "--output-dir", str(run), "--max-steps", "2", *TINY])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] != 9.0 for r in rows)
+
+
 def test_bad_arguments_are_rejected(idx_dir, tmp_path):
     with pytest.raises(SystemExit):
         train_teacher.parse_args(["--block-out-channels", "32,64,x"])

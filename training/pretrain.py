@@ -62,6 +62,7 @@ from training.run.hardware import cpu_threads_per_process
 from training.run.layout import (
     RESOLVED_RECIPE_FILENAME,
     append_metrics,
+    cut_metrics_to_step,
     find_resume_checkpoint,
     refuse_fresh_run_over_checkpoints,
     remove_leftovers,
@@ -281,6 +282,8 @@ def open_run_folder(args, recipe: Recipe, output_dir: Path, accelerator: Acceler
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_leftovers(output_dir)
+        if resume_from is None and cut_metrics_to_step(output_dir, 0):  # a killed run that left no checkpoint
+            logger.info("metrics.jsonl of an earlier run that left no checkpoint dropped: this run logs from step 1")
         write_text_atomic(saved, json.dumps(recipe.to_dict(), indent=2) + "\n")
         write_text_atomic(output_dir / "args.json", json.dumps(vars(args), indent=2) + "\n")
     return resume_from

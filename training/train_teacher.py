@@ -47,6 +47,7 @@ from training.run.guards import stop_if_not_finite
 from training.run.hardware import cpu_name, cpu_threads_per_process  # noqa: E402
 from training.run.layout import (  # noqa: E402
     append_metrics,
+    cut_metrics_to_step,
     find_resume_checkpoint,
     refuse_foreign_folder,
     refuse_fresh_run_over_checkpoints,
@@ -297,6 +298,8 @@ def main(argv: list[str] | None = None) -> Path:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_leftovers(output_dir)
+        if resume_path is None and cut_metrics_to_step(output_dir, 0):  # a killed run that left no checkpoint
+            logger.info("metrics.jsonl of an earlier run that left no checkpoint dropped: this run logs from step 1")
         write_text_atomic(output_dir / "args.json", json.dumps(
             {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}, indent=2))
 
