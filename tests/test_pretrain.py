@@ -514,3 +514,18 @@ def test_a_fresh_start_drops_the_metrics_of_a_killed_run_that_left_no_checkpoint
         pretrain.main(_args(out, teacher_dir, idx_dir, "--max-steps", "2", "--no-export"))
     assert [r["step"] for r in _metrics(out)] == [1, 2] and all(r["loss/loss"] != 9.0 for r in _metrics(out))
     assert "metrics.jsonl of an earlier run that left no checkpoint dropped: this run logs from step 1" in caplog.text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--log-every", "0"], "--log-every must be >= 1, got 0"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--max-steps", "-5"], "--max-steps must be >= 1, got -5"),
+    (["--per-device-batch-size", "0"], "--per-device-batch-size must be >= 1, got 0"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0, got -1"),
+    (["--epochs", "0"], "--epochs must be > 0, got 0.0"),
+])
+def test_out_of_range_flags_end_at_once_naming_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        pretrain.parse_args(flags)
+    assert stop.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {message}")
+    assert pretrain.parse_args(["--checkpoint-every", "0"]).checkpoint_every == 0  # 0: a checkpoint at the end only

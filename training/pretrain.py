@@ -47,6 +47,7 @@ from training.distill.feature_cache import FeatureCache, cache_key, open_or_buil
 from training.distill.pairing import describe_pairs
 from training.distill.regressor import student_levels
 from training.labels.task_head import build_task_head, label_distillation_loss, load_interpreter, save_task_head
+from training.run.cli import check_ranges
 from training.run.data import (
     SHUFFLE_BUFFER,
     ImageDataset,
@@ -139,7 +140,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ckpt.add_argument("--no-export", action="store_true", help="skip exporting the student at the end")
     ckpt.add_argument("--export-task-head", action="store_true",
                       help="with --interpreter: also write the student's task head to <output-dir>/task_head")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_ranges(p, args, at_least_1=("max_steps", "batch_size", "per_device_batch_size", "log_every",
+                                      "keep_checkpoints", "cache_encodings", "threads", "shuffle_buffer"),
+                 at_least_0=("checkpoint_every", "feature_images", "num_workers", "limit_images", "max_grad_norm"),
+                 positive=("lr", "epochs"))
+    return args
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:

@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 from dreamteacher_models.recipes import DEFAULT_RECIPE, apply_overrides, get_recipe  # noqa: E402
 from training.run import data  # noqa: E402
+from training.run.cli import check_ranges  # noqa: E402
 from training.run.guards import stop_if_not_finite
 from training.run.hardware import cpu_name, cpu_threads_per_process  # noqa: E402
 from training.run.layout import (  # noqa: E402
@@ -147,9 +148,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(c % args.norm_num_groups for c in args.block_out_channels):
         p.error(f"--block-out-channels {args.block_out_channels} must all be divisible by --norm-num-groups "
                 f"{args.norm_num_groups}")
-    for name in ("max_steps", "batch_size", "checkpoint_every", "layers_per_block", "num_samples", "sample_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_ranges(p, args, at_least_1=("max_steps", "batch_size", "per_device_batch_size", "checkpoint_every",
+                                      "layers_per_block", "num_samples", "sample_steps", "log_every",
+                                      "keep_checkpoints", "threads", "num_train_timesteps"),
+                 at_least_0=("num_workers", "max_grad_norm", "lr_warmup_steps"), positive=("lr",))
     if args.sample_every is None:
         args.sample_every = args.checkpoint_every
     return args
