@@ -522,7 +522,7 @@ def test_a_fresh_start_drops_the_metrics_of_a_killed_run_that_left_no_checkpoint
     (["--max-steps", "-5"], "--max-steps must be >= 1, got -5"),
     (["--per-device-batch-size", "0"], "--per-device-batch-size must be >= 1, got 0"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0, got -1"),
-    (["--epochs", "0"], "--epochs must be > 0, got 0.0"),
+    (["--epochs", "-1"], "--epochs must be >= 0, got -1.0"),
 ])
 def test_out_of_range_flags_end_at_once_naming_the_flag(flags, message, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -143,8 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_ranges(p, args, at_least_1=("max_steps", "batch_size", "per_device_batch_size", "log_every",
                                       "keep_checkpoints", "cache_encodings", "threads", "shuffle_buffer"),
-                 at_least_0=("checkpoint_every", "feature_images", "num_workers", "limit_images", "max_grad_norm"),
-                 positive=("lr", "epochs"))
+                 at_least_0=("checkpoint_every", "feature_images", "num_workers", "limit_images", "max_grad_norm",
+                             "epochs"),  # --epochs 0: a recipe of steps only (with --max-steps)
+                 positive=("lr",))  # the schedule's floor is min_lr / lr
     return args
 
 

@@ -151,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_ranges(p, args, at_least_1=("max_steps", "batch_size", "per_device_batch_size", "checkpoint_every",
                                       "layers_per_block", "num_samples", "sample_steps", "log_every",
                                       "keep_checkpoints", "threads", "num_train_timesteps"),
-                 at_least_0=("num_workers", "max_grad_norm", "lr_warmup_steps"), positive=("lr",))
+                 at_least_0=("num_workers", "max_grad_norm", "lr_warmup_steps", "lr"))  # lr 0: weights stay put
     if args.sample_every is None:
         args.sample_every = args.checkpoint_every
     return args
