@@ -63,12 +63,11 @@ from training.run.hardware import cpu_threads_per_process
 from training.run.layout import (
     RESOLVED_RECIPE_FILENAME,
     append_metrics,
-    cut_metrics_to_step,
     find_resume_checkpoint,
     refuse_fresh_run_over_checkpoints,
-    remove_leftovers,
     resume_checkpoint,
     save_checkpoint,
+    start_run_folder,
     write_text_atomic,
 )
 from training.run.schedule import TrainState, cosine_with_warmup, noise_seed, plan_batches
@@ -285,12 +284,8 @@ def open_run_folder(args, recipe: Recipe, output_dir: Path, accelerator: Acceler
     if resume_from is not None and saved.is_file() and recipe_from_dict(json.loads(saved.read_text())) != recipe:
         raise ValueError(f"--resume: {saved} differs from this run's recipe; resume with the same recipe/overrides")
     accelerator.wait_for_everyone()  # every rank has read recipe.json before the main process rewrites it
-    check_shared_folder(accelerator, output_dir, "the run folder (--output-dir)")
+    start_run_folder(accelerator, output_dir, resume_from is None, logger)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(output_dir)
-        if resume_from is None and cut_metrics_to_step(output_dir, 0):  # a killed run that left no checkpoint
-            logger.info("metrics.jsonl of an earlier run that left no checkpoint dropped: this run logs from step 1")
         write_text_atomic(saved, json.dumps(recipe.to_dict(), indent=2) + "\n")
         write_text_atomic(output_dir / "args.json", json.dumps(vars(args), indent=2) + "\n")
     return resume_from

@@ -48,17 +48,15 @@ from training.run.guards import stop_if_not_finite
 from training.run.hardware import cpu_name, cpu_threads_per_process  # noqa: E402
 from training.run.layout import (  # noqa: E402
     append_metrics,
-    cut_metrics_to_step,
     find_resume_checkpoint,
     refuse_foreign_folder,
     refuse_fresh_run_over_checkpoints,
-    remove_leftovers,
     resume_checkpoint,
     save_checkpoint,
+    start_run_folder,
     write_text_atomic,
 )
 from training.run.schedule import TrainState, noise_seed, plan_batches  # noqa: E402
-from training.run.shared_disk import check_shared_folder  # noqa: E402
 from training.teacher.ddpm import (  # noqa: E402
     TEACHER_EXPORT_FILES,
     build_scheduler,
@@ -296,12 +294,8 @@ def main(argv: list[str] | None = None) -> Path:
     set_seed(args.seed)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(args.threads or cpu_threads_per_process())
-    check_shared_folder(accelerator, output_dir, "the run folder (--output-dir)")
+    start_run_folder(accelerator, output_dir, resume_path is None, logger)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(output_dir)
-        if resume_path is None and cut_metrics_to_step(output_dir, 0):  # a killed run that left no checkpoint
-            logger.info("metrics.jsonl of an earlier run that left no checkpoint dropped: this run logs from step 1")
         write_text_atomic(output_dir / "args.json", json.dumps(
             {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}, indent=2))
 

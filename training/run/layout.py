@@ -238,6 +238,20 @@ def resume_checkpoint(accelerator, checkpoint: Path, facts: Mapping[str, Any], a
         log.info("metrics.jsonl cut back to step %d (lines after it, or torn by the kill, dropped)", state.step)
 
 
+def start_run_folder(accelerator, run_dir: Path, fresh: bool, log: logging.Logger) -> None:
+    """Where every process sees the run folder, the main process makes it and removes what killed saves left; a
+    fresh run also drops the metrics.jsonl of a killed run that left no checkpoint (torn line included)."""
+    from training.run.shared_disk import check_shared_folder
+
+    check_shared_folder(accelerator, run_dir, "the run folder (--output-dir)")
+    if not accelerator.is_main_process:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(run_dir)
+    if fresh and cut_metrics_to_step(run_dir, 0):
+        log.info("metrics.jsonl of an earlier run that left no checkpoint dropped: this run logs from step 1")
+
+
 def append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
     """One JSON line per logged step, written whole and flushed (main process only)."""
     with open(run_dir / METRICS_FILENAME, "a") as f:
