@@ -145,15 +145,8 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Path | None
     return DEBIAN_FASHION_MNIST_DIR if _has_fashion_mnist(DEBIAN_FASHION_MNIST_DIR) else None
 
 
-def load_idx_dataset(folder: str | os.PathLike, split: str = "train"):
-    """A `datasets.Dataset` over a folder of Fashion-MNIST/MNIST IDX files: columns ``image`` (PIL, mode L) and
-    ``label`` (int).
-
-    The arrays go into Arrow as they are (one fixed-size uint8 row per image); the PIL images are
-    made on access by a ``with_transform``, so there is no per-image encode loop.
-    """
-    import datasets
-
+def read_idx_split(folder: str | os.PathLike, split: str = "train") -> tuple[np.ndarray, np.ndarray | None]:
+    """(images uint8 (N, H, W), labels int64 (N,) or None when the folder has no label file) of one IDX split."""
     folder = Path(folder)
     if split not in FASHION_MNIST_FILES:
         raise ValueError(f"unknown split {split!r} for IDX data in {folder}; allowed: {sorted(FASHION_MNIST_FILES)}")
@@ -164,19 +157,35 @@ def load_idx_dataset(folder: str | os.PathLike, split: str = "train"):
     images = read_idx(img_file)
     if images.ndim != 3:
         raise ValueError(f"{img_file}: expected images of shape (N, H, W), got {images.shape}")
+    if lbl_file is None:
+        return images, None
+    labels = read_idx(lbl_file)
+    if labels.shape != (len(images),):
+        raise ValueError(f"{lbl_file}: {labels.shape[0]} labels for {len(images)} images in {img_file}")
+    return images, labels.astype(np.int64)
+
+
+def load_idx_dataset(folder: str | os.PathLike, split: str = "train"):
+    """A `datasets.Dataset` over a folder of Fashion-MNIST/MNIST IDX files: columns ``image`` (PIL, mode L) and
+    ``label`` (int).
+
+    The arrays go into Arrow as they are (one fixed-size uint8 row per image); the PIL images are
+    made on access by a ``with_transform``, so there is no per-image encode loop.
+    """
     import pyarrow as pa
 
+    import datasets
+
+    folder = Path(folder)
+    images, labels = read_idx_split(folder, split)
     n, h, w = images.shape
     # Straight into Arrow: Dataset.from_dict would go through Python lists, one per image.
     columns = {"pixels": pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), h * w)}
     features = {"pixels": datasets.Sequence(datasets.Value("uint8"), length=h * w)}
-    if lbl_file is not None:
-        labels = read_idx(lbl_file)
-        if labels.shape != (n,):
-            raise ValueError(f"{lbl_file}: {labels.shape[0]} labels for {n} images in {img_file}")
-        columns["label"] = pa.array(labels.astype(np.int64))
+    if labels is not None:
+        columns["label"] = pa.array(labels)
         features["label"] = datasets.Value("int64")
-    info = datasets.DatasetInfo(features=datasets.Features(features), description=f"{img_file.name} in {folder}")
+    info = datasets.DatasetInfo(features=datasets.Features(features), description=f"{split} IDX files in {folder}")
     ds = datasets.Dataset(datasets.table.InMemoryTable(pa.table(columns)), info=info, split=datasets.Split(split))
 
     def to_pil(batch: dict) -> dict:
