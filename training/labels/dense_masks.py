@@ -12,6 +12,7 @@ a size mismatch or a foreign class id is an error naming the file and what was e
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,9 +36,13 @@ def split_folder(root: str | Path, split: str) -> Path:
 
 
 def num_classes_of(root: str | Path, given: int | None) -> int:
-    """--num-classes, else the benchmark's class count from the folder's name (e.g. ffhq_34 -> 34)."""
+    """--num-classes, else the `num_classes` of a card.json in the folder (training/make_scenes.py writes one),
+    else the benchmark's class count from the folder's name (e.g. ffhq_34 -> 34)."""
     if given:
         return given
+    card = Path(root) / "card.json"
+    if card.is_file():
+        return int(json.loads(card.read_text())["num_classes"])
     name = Path(root).resolve().name
     if name in BENCHMARK_CLASSES:
         return BENCHMARK_CLASSES[name]
