@@ -73,6 +73,7 @@ from training.run.layout import (
 from training.run.schedule import TrainState, cosine_with_warmup, noise_seed, plan_batches
 from training.run.shared_disk import check_shared_folder
 from training.teacher.build import build_teacher
+from training.teacher.domain import check_teacher_domain
 from training.teacher.sources import teacher_source
 from training.teacher.taps import describe_taps
 
@@ -374,6 +375,7 @@ def main(argv: list[str] | None = None) -> Path:
     recipe = recipe_from_args(args)
     output_dir = Path(args.output_dir or f"runs/{recipe.name}")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_teacher_domain(recipe, args.data_dir)
 
     accelerator, micro_batch, accumulation = build_accelerator(args, recipe, output_dir)
     teacher, model, recipe, interpreter, interpreter_info = build_models(args, recipe, accelerator)

@@ -70,6 +70,7 @@ from training.run.layout import (  # noqa: E402
 )
 from training.run.schedule import TrainState, cosine_with_warmup, noise_seed  # noqa: E402
 from training.teacher.build import build_teacher  # noqa: E402
+from training.teacher.domain import check_teacher_domain
 from training.teacher.sources import teacher_source  # noqa: E402
 
 logger = logging.getLogger("dreamteacher.train_interpreter")
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> Path:
     output_dir = Path(args.output_dir)
     recipe = apply_overrides(get_recipe(args.recipe), args.overrides
                              + ([f"teacher.source={args.teacher!r}"] if args.teacher else []))
+    check_teacher_domain(recipe, args.data_dir)
     accelerator = Accelerator(project_config=ProjectConfiguration(project_dir=str(output_dir)))
     set_seed(args.seed)
     if accelerator.device.type == "cpu":
