@@ -101,6 +101,8 @@ class Recipe:
     loss: LossConfig = field(default_factory=LossConfig)
     regressor_width: int = 256
     ppm_bins: tuple[int, ...] = (1, 2, 3, 6)
+    # False: no PPM / top-down path in the regressor, each paired level regresses its target from itself alone
+    regressor_top_down: bool = True
     # (student stride, teacher stride) per distilled student level; () = pair each teacher tap with the student
     # level at its own stride (training/distill/pairing.py). A finer teacher map is area-pooled to the student's grid.
     pairs: tuple[tuple[int, int], ...] = ()

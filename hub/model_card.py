@@ -28,7 +28,8 @@ def _recipe_rows(recipe: Recipe) -> list[tuple[str, str]]:
          if t.encoding == "noise" else "DDIM inversion to t"),
         ("teacher taps", ", ".join(t.taps) if t.taps else "each decoder level before its upsampler"),
         ("student level <- teacher tap (by stride)", _pairing(recipe)),
-        ("feature regressor", f"FPN + PPM (bins {recipe.ppm_bins}), width {recipe.regressor_width}"),
+        ("feature regressor", f"FPN + PPM (bins {recipe.ppm_bins}), width {recipe.regressor_width}"
+         if recipe.regressor_top_down else f"per level (no top-down path), width {recipe.regressor_width}"),
         ("loss", f"{loss.mse_weight} x MSE(LN_{loss.norm_axes}(teacher)) + {loss.at_weight} x attention transfer"),
         ("data", f"{d.name} ({d.num_images:,} images, labels unused)" if d.num_images else d.name),
         ("resolution", f"{d.input_size[1]}x{d.input_size[2]}"),

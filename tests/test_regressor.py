@@ -155,3 +155,33 @@ def test_in_training_the_lateral_blocks_normalise_so_a_levels_scale_does_not_mat
     with torch.no_grad():
         for a, b in zip(regressor(feats), regressor(scaled), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_regressor_without_top_down_reads_each_level_from_itself_alone():
+    import torch
+
+    from training.distill.regressor import FeatureRegressor
+
+    reg = FeatureRegressor([8, 16], [5, 6], width=4, top_down=False).eval()
+    fine, coarse = torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)
+    out = reg([fine, coarse])
+    assert [tuple(o.shape) for o in out] == [(2, 5, 8, 8), (2, 6, 4, 4)]
+    changed = reg([fine, torch.randn(2, 16, 4, 4)])
+    assert torch.equal(out[0], changed[0])  # the fine prediction does not see the coarse level
+    assert not hasattr(reg, "ppm")
+    with pytest.raises(ValueError, match="every level needs a target"):
+        FeatureRegressor([8, 16], [5, 0], top_down=False)
+
+
+def test_recipe_without_top_down_builds_a_distiller_of_its_paired_levels():
+    from dataclasses import replace
+
+    from dreamteacher_models.recipes import get_recipe
+    from training.distill.distiller import build_distiller
+
+    recipe = replace(get_recipe("resnet18.dreamteacher_fmnist"), regressor_top_down=False, pairs=((4, 4), (8, 8)))
+    distiller, _ = build_distiller(recipe, {4: 6, 8: 7})
+    preds = distiller(__import__("torch").randn(2, 3, 32, 32))
+    assert [tuple(p.shape) for p in preds] == [(2, 6, 8, 8), (2, 7, 4, 4)]
+    assert len(distiller.indices) == 2  # C4 and C5 unpaired: not read, so nothing of theirs trains
+    assert not any(p.requires_grad for n, p in distiller.student.named_parameters() if n.startswith("layer4"))

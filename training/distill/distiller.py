@@ -54,8 +54,11 @@ def build_distiller(recipe: Recipe, teacher_channels: Mapping[int, int]) -> tupl
     pairs, notes = pair_levels(levels, teacher_channels, recipe.pairs)
     target_of = {p.student_stride: p.teacher_channels for p in pairs}
     used = [s for s in sorted(levels) if s >= pairs[0].student_stride]  # finest paired level .. C5
+    if not recipe.regressor_top_down:  # no path carries an unpaired level's features to a loss
+        used = [s for s in used if s in target_of]
     regressor = FeatureRegressor([levels[s][1] for s in used], [target_of.get(s, 0) for s in used],
-                                 width=recipe.regressor_width, ppm_bins=recipe.ppm_bins)
+                                 width=recipe.regressor_width, ppm_bins=recipe.ppm_bins,
+                                 top_down=recipe.regressor_top_down)
     indices = [levels[s][0] for s in used]
     frozen = freeze_unreached(student, indices)
     if frozen:

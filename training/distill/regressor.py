@@ -109,6 +109,10 @@ class FeatureRegressor(nn.Module):
 
     `out_channels[i]` is the teacher channel count level i regresses, or 0 for a level without a target (it still
     carries the top-down path, so a coarse unpaired level still learns through the finer levels' losses).
+
+    With `top_down=False` there is no PPM and no top-down path: each paired level is regressed from itself alone
+    (3x3 conv+BN+ReLU, then the 1x1 head), so a fine level's target cannot be read off the coarse levels and the
+    student's own fine levels must carry it. Every level then needs a target.
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class FeatureRegressor(nn.Module):
         out_channels: Sequence[int],
         width: int = 256,
         ppm_bins: Sequence[int] = (1, 2, 3, 6),
+        top_down: bool = True,
     ):
         super().__init__()
         if len(in_channels) != len(out_channels) or not in_channels:
@@ -125,6 +130,14 @@ class FeatureRegressor(nn.Module):
         if not any(out_channels):
             raise ValueError(f"FeatureRegressor: no level has a target (out_channels={list(out_channels)})")
         self.in_channels = tuple(in_channels)
+        self.top_down = top_down
+        if not top_down:
+            if not all(out_channels):
+                raise ValueError(f"FeatureRegressor without top-down path: every level needs a target, got "
+                                 f"out_channels={list(out_channels)}")
+            self.own = nn.ModuleList(_conv_bn_relu(c, width, 3) for c in in_channels)
+            self.head = nn.ModuleDict({str(i): nn.Conv2d(width, c, 1) for i, c in enumerate(out_channels)})
+            return
         self.ppm = PyramidPooling(in_channels[-1], width, ppm_bins)
         self.lateral = nn.ModuleList(_conv_bn_relu(c, width, 1) for c in in_channels[:-1])
         # output convs only where a head reads them (unused parameters would stall DDP)
@@ -141,6 +154,8 @@ class FeatureRegressor(nn.Module):
         if channels != self.in_channels:
             raise ValueError(f"expected {len(self.in_channels)} feature maps with channels {self.in_channels}, got "
                              f"channels {channels}")
+        if not self.top_down:
+            return [self.head[str(i)](own(f)) for i, (own, f) in enumerate(zip(self.own, features, strict=True))]
 
         # Top-down: coarsest (PPM) first, each finer lateral adds the upsampled coarser map.
         merged = [self.ppm(features[-1])]
