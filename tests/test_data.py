@@ -198,3 +198,23 @@ def test_a_missing_data_dir_is_never_read_as_a_hub_id_and_an_empty_folder_is_nam
     assert data_source(str(empty)) == str(empty)
     with pytest.raises(ValueError, match=r"empty holds no images"):
         load_image_dataset(str(empty))
+
+
+def test_16_bit_and_transparent_images_are_converted_as_they_mean_and_logged(tmp_path, caplog):
+    import logging
+
+    from PIL import Image
+
+    from training.run.data import _to_rgb
+
+    ramp = (np.arange(16 * 16).reshape(16, 16) * 257).astype(np.uint16)  # 8-bit values 0..255, stored in 16 bits
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0], rgba[:2, ..., 3], rgba[2:, ..., 3] = 200, 0, 255  # red; top half fully transparent
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    with caplog.at_level(logging.INFO, logger="training.run.data"):
+        gray = np.asarray(_to_rgb(Image.open(tmp_path / "g16.png")))
+        colour = np.asarray(_to_rgb(Image.open(tmp_path / "a.png")))
+    assert gray.shape == (16, 16, 3) and np.array_equal(gray[..., 0], np.arange(256).reshape(16, 16))  # not clipped
+    assert (colour[:2] == 0).all() and (colour[2:] == [200, 0, 0]).all()  # transparent -> black background
+    assert "16-bit" in caplog.text and "transparent" in caplog.text

@@ -275,3 +275,29 @@ def test_metrics_with_nothing_to_cut_are_left_alone(tmp_path):
     assert path.stat().st_mtime_ns == before  # not rewritten
     assert cut_metrics_to_step(tmp_path, 0) == 2
     assert path.read_text() == '{"note": "no step: counts as step 0"}\n'
+
+
+class _TwoRanks:
+    """An accelerator of 2 processes whose gather stacks this rank's value with the other rank's `other`."""
+
+    num_processes = 2
+
+    def __init__(self, other: int):
+        import torch
+
+        self.device, self.other = torch.device("cpu"), other
+
+    def gather(self, t):
+        import torch
+
+        return torch.cat([t, torch.tensor([self.other])])
+
+
+def test_a_micro_batch_empty_on_one_rank_is_skipped_by_every_rank():
+    from tests.tiny import FakeAccelerator
+    from training.run.guards import every_rank_has_images
+
+    assert every_rank_has_images(FakeAccelerator(), 3) and not every_rank_has_images(FakeAccelerator(), 0)
+    assert not every_rank_has_images(_TwoRanks(other=0), 4)  # this rank has images, the other none: both skip
+    assert not every_rank_has_images(_TwoRanks(other=4), 0)
+    assert every_rank_has_images(_TwoRanks(other=1), 4)

@@ -58,7 +58,7 @@ from training.run.data import (
     load_image_dataset,
     split_streaming,
 )
-from training.run.guards import stop_if_not_finite
+from training.run.guards import every_rank_has_images, stop_if_not_finite
 from training.run.hardware import cpu_threads_per_process
 from training.run.layout import (
     RESOLVED_RECIPE_FILENAME,
@@ -429,8 +429,8 @@ def main(argv: list[str] | None = None) -> Path:
             state.batch_in_epoch += 1
             state.skipped += int(batch["num_skipped"])
             images = batch["pixel_values"]
-            if images.shape[0] == 0:  # vanishingly rare; under DDP the other ranks would wait at the next sync
-                logger.warning("a whole micro-batch of unreadable images was skipped")
+            if not every_rank_has_images(accelerator, images.shape[0]):  # all ranks skip it together
+                logger.warning("a micro-batch was skipped: every image of it was unreadable on at least one process")
                 continue
             usable += images.shape[0]
             # fresh noise every call, reproducible from (seed, rank, micro-step) so a resumed run draws the same

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from dreamteacher_models.recipes import DEFAULT_RECIPE, apply_overrides, get_recipe  # noqa: E402
 from training.run import data  # noqa: E402
 from training.run.cli import check_ranges  # noqa: E402
-from training.run.guards import stop_if_not_finite
+from training.run.guards import every_rank_has_images, stop_if_not_finite
 from training.run.hardware import cpu_name, cpu_threads_per_process  # noqa: E402
 from training.run.layout import (  # noqa: E402
     append_metrics,
@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> Path:
             n_skipped = int(batch["num_skipped"])
             state.skipped += n_skipped
             clean = batch["pixel_values"]
-            if clean.shape[0] == 0:  # every image of the batch was unreadable (already logged)
+            if not every_rank_has_images(accelerator, clean.shape[0]):  # all ranks skip it together
+                logger.warning("a micro-batch was skipped: every image of it was unreadable on at least one process")
                 continue
             noise_gen.manual_seed(noise_seed(args.seed, state.micro_step * accelerator.num_processes
                                              + accelerator.process_index))

@@ -18,8 +18,9 @@ try/except. A bad item (truncated JPEG, unreadable file) is logged with a warnin
 ``batch["num_skipped"]`` (an int). Counting in the batch rather than in a global counter is what makes it work with
 DataLoader workers (separate processes) and with several ranks: the trainer adds ``num_skipped`` up in its loop (and
 may ``accelerator.gather`` it) and logs the total. `SkipCounter` is a tiny helper for that. A batch whose items were
-all bad has ``pixel_values`` of shape ``(0, C, H, W)``; the trainer should skip the step (single process) or, under
-DDP, still run it so the ranks stay in step. Nothing is ever skipped silently and nothing is fatal.
+all bad has ``pixel_values`` of shape ``(0,)``; the trainers ask every rank (`guards.every_rank_has_images`, one
+collective) and all ranks skip such a micro-batch together, so none waits at a gradient sync the others never reach.
+Nothing is ever skipped silently and nothing is fatal.
 
 Order and sharding (design): `build_dataloader` uses `EpochSeededSampler`, whose permutation depends only on
 ``(seed, epoch)``, never on the rank or on how many epochs ran before; for an `ImageDataset` it also hands each item
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -329,8 +331,33 @@ def build_transform(
     return T.Compose(steps)
 
 
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit PNGs open as I;16 (older Pillow: I)
+_converted: dict[str, int] = {}  # per process: conversions by kind, for the log
+
+
+def _log_conversion(kind: str) -> None:
+    """Log the first conversion of a kind and then at 10, 100, 1000, ... (per process)."""
+    n = _converted[kind] = _converted.get(kind, 0) + 1
+    if n == 1 or math.log10(n).is_integer():
+        logger.info("converted %d %s image(s) so far", n, kind)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    return img if img.mode == "RGB" else img.convert("RGB")
+    """RGB, converted as the image means it: a 16-bit image scaled to 8 bits (value / 257; PIL's own conversion
+    clips everything above 255 to white), transparency composited over black (PIL's would keep whatever colour
+    the transparent pixels hold); other modes by PIL."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _HIGH_BIT_MODES:
+        _log_conversion("16-bit (scaled to 8 bits)")
+        scaled = np.clip(np.asarray(img, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        _log_conversion("transparent (composited over black)")
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 # ---------------------------------------------------------------------------------------------------------------
