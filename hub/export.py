@@ -17,14 +17,13 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-import safetensors.torch
 import timm
 import torch
 
 from dreamteacher_models._timm_registry import WEIGHTS_FILENAME
 from dreamteacher_models.recipes import Recipe, get_recipe
 from training.run.backbones import load_student
-from training.run.checksums import sha256_file, write_checksums
+from training.run.checksums import read_safetensors, sha256_file, write_checksums
 from training.run.layout import (
     RESOLVED_RECIPE_FILENAME,
     find_run_checkpoint,
@@ -33,6 +32,7 @@ from training.run.layout import (
     give_files_umask_modes,
     refuse_foreign_folder,
     replace_dir,
+    replaceable_folder,
 )
 
 from .model_card import Results, render_model_card
@@ -57,13 +57,13 @@ def export_for_hub(
         if not source.exists():
             raise FileNotFoundError(f"checkpoint {source} does not exist")
         recipe = recipe or find_run_recipe(source)
-        weights = safetensors.torch.load_file(find_run_checkpoint(source))
+        weights = read_safetensors(find_run_checkpoint(source))
     if recipe is None:
         raise ValueError("no recipe given and none found beside the checkpoint: pass --recipe NAME")
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     model = load_student(recipe, weights)
 
-    out_dir = Path(out_dir)
+    out_dir = replaceable_folder(out_dir)
     refuse_foreign_folder(out_dir, EXPORT_FILES, "a previous export (hub/export.py)")
     staging = fresh_staging_dir(out_dir)
     try:

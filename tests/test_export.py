@@ -304,3 +304,23 @@ def test_mismatch_lists_and_bad_checksum_lines_are_cut_to_a_readable_length(tmp_
     (tmp_path / "SHA256SUMS").write_text("x" * 100 + "\n")
     with pytest.raises(ValueError, match=f"line 1 is not '<sha256>  <file>': '{'x' * 80}'; re-export"):
         read_checksums(tmp_path)
+
+
+def test_export_refuses_the_current_folder_and_writes_through_a_symlink(tmp_path, monkeypatch):
+    weights = {f"student.{k}": v for k, v in _trained_student("resnet18.dreamteacher_fmnist").state_dict().items()}
+    monkeypatch.chdir(tmp_path)
+    for current in (".", str(tmp_path), ".."):
+        with pytest.raises(ValueError, match="is the current folder or holds it.*a folder of its own"):
+            export_for_hub(weights, current, recipe="resnet18.dreamteacher_fmnist")
+    real = tmp_path / "shared" / "exports"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real)
+    export_for_hub(weights, tmp_path / "link", recipe="resnet18.dreamteacher_fmnist")
+    assert (tmp_path / "link").is_symlink() and (real / "model.safetensors").is_file()
+
+
+def test_a_corrupt_checkpoint_is_a_one_line_error_naming_it(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file.*corrupt"):
+        export_for_hub(bad, tmp_path / "out", recipe="resnet18.dreamteacher_fmnist")

@@ -214,3 +214,14 @@ def test_an_adm_checkpoint_gets_the_noise_schedule_it_was_trained_with(preset, s
     unet, scheduler = _convert_adm("/ckpt.pt", preset)
     assert unet == "unet" and converted == {"sd": {"read": "/ckpt.pt"}, "flags": adm.PRESETS[preset]}
     assert scheduler.config.beta_schedule == schedule and scheduler.config.num_train_timesteps == 1000
+
+
+def test_a_teacher_whose_weights_are_corrupt_is_a_one_line_error(unet_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "teacher"
+    shutil.copytree(unet_dir, broken)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match="has a config but its weights cannot be read"):
+        build_teacher(teacher_config(broken), MEAN, STD)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from training.labels.interpreter import INTERPRETER_INFO, INTERPRETER_WEIGHTS, DenseInterpreter, PooledInterpreter
 from training.labels.losses import soft_cross_entropy_loss
+from training.run.checksums import read_safetensors
 
 DENSE_HEAD_WIDTH = 128
 
@@ -45,7 +46,7 @@ def load_interpreter(folder: str | Path, teacher) -> tuple[nn.Module, dict[str, 
         raise ValueError(f"interpreter {folder} was trained on taps {info['taps']} at t={info['timestep']}; this "
                          f"run's teacher computes taps {taps} at t={teacher.timestep}: train it with this recipe")
     channels = {int(s): c for s, c in info["taps"].items()}
-    weights = safetensors.torch.load_file(str(folder / INTERPRETER_WEIGHTS))
+    weights = read_safetensors(folder / INTERPRETER_WEIGHTS)
     if info["task"] == "classes":
         interpreter = PooledInterpreter(channels, info["num_classes"])
     else:

@@ -13,7 +13,7 @@ from torch import nn
 
 from dreamteacher_models._timm_registry import pretrained_cfg_for
 from dreamteacher_models.recipes import DEFAULT_RECIPE, Recipe, UnknownRecipeError, get_recipe
-from training.run.checksums import CHECKSUMS_FILENAME, verify_checksums
+from training.run.checksums import CHECKSUMS_FILENAME, read_safetensors, verify_checksums
 from training.run.layout import find_run_checkpoint, find_run_recipe
 
 STUDENT_PREFIX = "student."  # the trainer's module holds the backbone as `.student`, the regressor beside it
@@ -101,12 +101,10 @@ def load_backbone(
     import dreamteacher_models  # noqa: F401 - registers the DreamTeacher tags with timm
 
     if checkpoint is not None:
-        import safetensors.torch
-
         path = Path(checkpoint)
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
-        weights = safetensors.torch.load_file(find_run_checkpoint(path))
+        weights = read_safetensors(find_run_checkpoint(path))
         if recipe is None:
             raise ValueError(f"no recipe found for checkpoint {path}: pass --recipe NAME")
         if model_spec and model_spec.split(".")[0] != recipe.arch:

@@ -17,6 +17,21 @@ def sha256_file(path: Path) -> str:
 CHECKSUMS_FILENAME = "SHA256SUMS"
 
 
+def read_safetensors(path: str | Path) -> dict:
+    """The tensors of a .safetensors file; a truncated or corrupt file is a ValueError naming it (not a traceback
+    from inside safetensors)."""
+    import safetensors.torch
+
+    try:
+        return safetensors.torch.load_file(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError or ValueError
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no detail'}): it is truncated or corrupt; write, "
+                         "copy or download it again") from e
+
+
 def write_checksums(folder: Path) -> None:
     """SHA256SUMS (`sha256sum` format) of every other file of an export: what publish verifies before uploading."""
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS_FILENAME)

@@ -115,6 +115,18 @@ def replace_dir(new: Path, target: Path) -> None:
         new.rename(target)
 
 
+def replaceable_folder(target: str | Path) -> Path:
+    """Where a folder that is replaced whole (an export, a teacher) may be written: never the current folder or
+    one holding it (the replacement would move it away from under the user); a symlinked folder is written where
+    the link points, so the link stays."""
+    target = Path(target).expanduser()
+    resolved, cwd = target.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ValueError(f"{target} is the current folder or holds it, and an export replaces its folder whole: name "
+                         f"a folder of its own, e.g. {target / 'export'}")
+    return resolved if target.is_symlink() else target
+
+
 def fresh_staging_dir(target: Path) -> Path:
     """An empty `.<name>.tmp-<pid>` folder beside `target` to build its replacement in (created with the umask's
     modes, so the result is as readable as a normally made folder), after removing the staging folders that

@@ -19,6 +19,7 @@ from training.run.layout import (
     give_files_umask_modes,
     refuse_foreign_folder,
     replace_dir,
+    replaceable_folder,
 )
 
 TEACHER_EXPORT_FILES = {"model_index.json", "unet", "scheduler", "samples.png", "README.md"}
@@ -128,7 +129,7 @@ def export_teacher(unet, ema, noise_scheduler, export_dir: Path, fp16: bool, gri
     """Write the EMA weights as a diffusers DDPMPipeline folder, atomically (temp dir, then rename)."""
     from diffusers import DDPMPipeline, UNet2DModel
 
-    export_dir = Path(export_dir)
+    export_dir = replaceable_folder(export_dir)
     refuse_foreign_folder(export_dir, TEACHER_EXPORT_FILES, "a previous teacher export (train_teacher.py)")
     # from_pretrained (--init-from) records the folder it read as `_name_or_path`: a local path, not for an export
     model = UNet2DModel.from_config({k: v for k, v in unet.config.items() if k != "_name_or_path"})

@@ -88,7 +88,13 @@ def _load_component(cls, source: str, component: str, kind: str, root_ok: bool =
         if found and found != cls.__name__:
             errors.append(f"{sub or '.'}: holds a {found}, not a {cls.__name__}")
             continue
-        return cls.from_pretrained(where, subfolder=sub)
+        try:
+            return cls.from_pretrained(where, subfolder=sub)
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt weights file: one line, not a traceback
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"teacher source {source!r}: its {cls.__name__} ({sub or '.'}) has a config but its "
+                             f"weights cannot be read ({type(e).__name__}: {detail}); copy or download the folder "
+                             "again") from e
     note = " (HF_HUB_OFFLINE is set: only the local cache was searched)" if hub_offline() and not path.exists() else ""
     raise _missing(kind, source, f"could not load a {cls.__name__}{note}: {'; '.join(errors)}")
 
