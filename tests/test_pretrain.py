@@ -529,3 +529,19 @@ def test_out_of_range_flags_end_at_once_naming_the_flag(flags, message, capsys):
         pretrain.parse_args(flags)
     assert stop.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {message}")
     assert pretrain.parse_args(["--checkpoint-every", "0"]).checkpoint_every == 0  # 0: a checkpoint at the end only
+
+
+def test_a_damaged_latest_checkpoint_is_reported_and_the_one_before_is_resumed(tmp_path, teacher_dir, idx_dir,
+                                                                              caplog):
+    common = ("--max-steps", "2", "--checkpoint-every", "1", "--keep-checkpoints", "2", "--no-export")
+    run = pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, *common))
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_1", "step_2"]
+    (run / "checkpoints" / "step_2" / "model.safetensors").write_bytes(b"")  # as a crash before the data hit the disk
+    with caplog.at_level("INFO", logger="dreamteacher"):
+        pretrain.main(_args(run, teacher_dir, idx_dir, *common[:-1], "--max-steps", "3", "--resume", "latest"))
+    assert "step_2 does not load" in caplog.text and "resuming from" in caplog.text
+    assert f"resumed from {run / 'checkpoints' / 'step_1'} at step 1" in caplog.text
+    for checkpoint in (run / "checkpoints").iterdir():
+        (checkpoint / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="cannot resume: checkpoint .* no earlier checkpoint"):
+        pretrain.main(_args(run, teacher_dir, idx_dir, *common[:-1], "--max-steps", "4", "--resume", "latest"))

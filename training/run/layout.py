@@ -45,6 +45,11 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(steps, key=lambda p: int(p.name[5:]))
 
 
+def _step_of(checkpoint: Path) -> int:
+    name = Path(checkpoint).name
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else -1
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a training run, or None."""
     steps = checkpoint_dirs(run_dir)
@@ -103,8 +108,39 @@ def refuse_fresh_run_over_checkpoints(run_dir: Path) -> None:
 # Writing
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to the disk (a rename is durable only once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every folder, deepest first: what a rename is about to publish is on
+    the disk before it has its public name (a crash or power loss never leaves a complete-looking empty file)."""
+    folders = [folder]
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            folders.append(path)
+        else:
+            fsync_path(path)
+    for sub in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        fsync_path(sub)
+
+
 def replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing an existing folder with no moment where neither is complete."""
+    """Move `new` to `target`, replacing an existing folder with no moment where neither is complete; `new` is
+    synced to the disk before the rename and the rename itself after it."""
+    fsync_tree(new)
+    _replace_dir(new, target)
+    fsync_path(target.parent)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -151,13 +187,16 @@ def give_files_umask_modes(folder: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` for the block to write; renamed onto `path` when the block ends without an
-    error, removed when it raises: a reader sees the old or the new file, never half of one."""
+    """A temporary path beside `path` for the block to write; synced to the disk and renamed onto `path` when the
+    block ends without an error (the rename synced too), removed when it raises: a reader sees the old or the new
+    file, never half of one, after a kill, a crash or a power loss."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        fsync_path(tmp)
         tmp.replace(path)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -241,10 +280,25 @@ def check_resume_facts(checkpoint: Path, facts: Mapping[str, Any], allow_mismatc
 def resume_checkpoint(accelerator, checkpoint: Path, facts: Mapping[str, Any], allow_mismatch: bool, run_dir: Path,
                       state, log: logging.Logger) -> None:
     """Load `checkpoint` (weights, optimizer, schedule and every registered object, `state` included) after checking
-    it was made with the same `facts`; metrics.jsonl is cut back to the resumed step."""
-    check_resume_facts(checkpoint, facts, allow_mismatch)
-    accelerator.load_state(str(checkpoint))
-    log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.step, state.epoch,
+    it was made with the same `facts`; metrics.jsonl is cut back to the resumed step. A checkpoint of this run
+    folder that fails to load (a truncated or empty file after a crash) is reported and the one before it is
+    loaded instead; an explicit checkpoint elsewhere has no fallback."""
+    older = [c for c in checkpoint_dirs(run_dir) if _step_of(c) < _step_of(checkpoint)]
+    own = Path(checkpoint).resolve().parent == (Path(run_dir) / CHECKPOINTS_DIR).resolve()
+    candidates = [Path(checkpoint), *reversed(older)] if own else [Path(checkpoint)]
+    for i, candidate in enumerate(candidates):
+        check_resume_facts(candidate, facts, allow_mismatch)
+        try:
+            accelerator.load_state(str(candidate))
+            break
+        except Exception as e:  # noqa: BLE001 - any unreadable file of the checkpoint
+            detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if i + 1 == len(candidates):
+                raise ValueError(f"cannot resume: checkpoint {candidate} does not load ({detail}) and no earlier "
+                                 "checkpoint of this run folder does either; start afresh without --resume") from e
+            log.error("checkpoint %s does not load (%s): it is damaged; resuming from %s instead", candidate, detail,
+                      candidates[i + 1])
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", candidate, state.step, state.epoch,
              state.batch_in_epoch)
     if accelerator.is_main_process and cut_metrics_to_step(run_dir, state.step):
         log.info("metrics.jsonl cut back to step %d (lines after it, or torn by the kill, dropped)", state.step)
