@@ -538,10 +538,27 @@ def test_a_damaged_latest_checkpoint_is_reported_and_the_one_before_is_resumed(t
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_1", "step_2"]
     (run / "checkpoints" / "step_2" / "model.safetensors").write_bytes(b"")  # as a crash before the data hit the disk
     with caplog.at_level("INFO", logger="dreamteacher"):
-        pretrain.main(_args(run, teacher_dir, idx_dir, *common[:-1], "--max-steps", "3", "--resume", "latest"))
+        pretrain.main(_args(run, teacher_dir, idx_dir, *common, "--resume", "latest"))
     assert "step_2 does not load" in caplog.text and "resuming from" in caplog.text
     assert f"resumed from {run / 'checkpoints' / 'step_1'} at step 1" in caplog.text
     for checkpoint in (run / "checkpoints").iterdir():
         (checkpoint / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="cannot resume: checkpoint .* no earlier checkpoint"):
-        pretrain.main(_args(run, teacher_dir, idx_dir, *common[:-1], "--max-steps", "4", "--resume", "latest"))
+        pretrain.main(_args(run, teacher_dir, idx_dir, *common, "--resume", "latest"))
+
+
+def test_resume_takes_a_new_lr_and_refuses_another_recipe_or_length_naming_the_field(tmp_path, teacher_dir, idx_dir,
+                                                                                    caplog):
+    common = ("--max-steps", "2", "--checkpoint-every", "1", "--no-export")
+    run = pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, *common))
+    step_1 = run / "checkpoints" / "step_1"
+    with caplog.at_level("INFO", logger="dreamteacher"):
+        pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, *common, "--resume", str(step_1), "--lr", "1e-3"))
+    assert "--lr 0.001: the resumed schedule peaks at it from step 1 on" in caplog.text
+    assert _metrics(run)[-1]["step"] == 2 and _metrics(run)[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine end
+    with pytest.raises(ValueError, match=r"its run's recipe .* differs .*regressor_width: 16 then, 32 now"):
+        pretrain.main(_args(tmp_path / "elsewhere", teacher_dir, idx_dir, *common, "--resume", str(step_1),
+                            "--set", "regressor_width=32"))  # into another --output-dir: still checked
+    with pytest.raises(ValueError, match=r"steps: 2 in the checkpoint, 5 now"):
+        pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "5", "--checkpoint-every", "1",
+                            "--no-export", "--resume", str(step_1)))

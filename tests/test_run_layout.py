@@ -301,3 +301,28 @@ def test_a_micro_batch_empty_on_one_rank_is_skipped_by_every_rank():
     assert not every_rank_has_images(_TwoRanks(other=0), 4)  # this rank has images, the other none: both skip
     assert not every_rank_has_images(_TwoRanks(other=4), 0)
     assert every_rank_has_images(_TwoRanks(other=1), 4)
+
+
+def test_a_second_job_in_a_run_folder_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path,
+                                                                                                          caplog):
+    import json
+    import logging
+    import os
+    import socket
+
+    from training.run.layout import LOCK_FILENAME, lock_run_folder
+
+    log = logging.getLogger("dreamteacher.test")
+    lock = tmp_path / LOCK_FILENAME
+    lock.write_text(json.dumps({"pid": 1, "host": socket.gethostname()}))  # pid 1 is alive
+    with pytest.raises(FileExistsError, match=rf"in use by pid 1 on host .*remove {lock}"):
+        lock_run_folder(tmp_path, log)
+    lock.write_text(json.dumps({"pid": 1, "host": "another-node"}))
+    with pytest.raises(FileExistsError, match="pid 1 on host another-node"):
+        lock_run_folder(tmp_path, log)
+    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # no such process
+    with caplog.at_level(logging.WARNING, logger="dreamteacher.test"):
+        lock_run_folder(tmp_path, log)
+    assert "taking over the lock" in caplog.text
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    lock_run_folder(tmp_path, log)  # held by this process already: fine

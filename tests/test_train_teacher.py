@@ -605,3 +605,20 @@ def test_command_line_defaults_and_choices():
         assert args.mixed_precision == precision
     with pytest.raises(SystemExit):
         train_teacher.parse_args(["--data-dir", "d", "--mixed-precision", "fp8"])
+
+
+def test_a_new_lr_on_resume_is_taken_and_a_new_length_refused(tmp_path, idx_dir, caplog):
+    common = ["--data-dir", str(idx_dir), "--max-steps", "4", "--checkpoint-every", "2", "--lr-warmup-steps", "0",
+              "--num-samples", "4", "--sample-steps", "2", "--log-every", "1", *TINY]
+    run = tmp_path / "run"
+    train_teacher.main([*common, "--output-dir", str(run), "--lr", "1e-3"])
+    (run / "checkpoints" / "step_4").rename(run / "checkpoints" / ".gone")
+    with caplog.at_level("INFO", logger="train_teacher"):
+        train_teacher.main([*common, "--output-dir", str(run), "--resume", "latest", "--lr", "5e-4"])
+    assert "--lr 0.0005: the resumed schedule peaks at it from step 2 on" in caplog.text
+    rows = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    # the uninterrupted run logs 1e-3, 7.5e-4, 2.5e-4, 0: after the resume the same cosine at half the peak
+    assert [rows[s] for s in (1, 2, 3, 4)] == pytest.approx([1e-3, 7.5e-4, 1.25e-4, 0.0], abs=1e-12)
+    common[common.index("--max-steps") + 1] = "8"
+    with pytest.raises(ValueError, match="max_steps: 4 in the checkpoint, 8 now"):
+        train_teacher.main([*common, "--output-dir", str(run), "--resume", "latest"])

@@ -43,7 +43,7 @@ from dreamteacher_models.recipes import (
 )
 from hub.export import export_for_hub
 from training.distill.distiller import build_distiller, distillation_loss
-from training.distill.feature_cache import FeatureCache, cache_key, open_or_build_feature_cache
+from training.distill.feature_cache import FeatureCache, cache_key, open_or_build_feature_cache, teacher_fingerprint
 from training.distill.pairing import describe_pairs
 from training.distill.regressor import student_levels
 from training.labels.task_head import build_task_head, label_distillation_loss, load_interpreter, save_task_head
@@ -61,6 +61,7 @@ from training.run.data import (
 from training.run.guards import every_rank_has_images, stop_if_not_finite
 from training.run.hardware import cpu_threads_per_process
 from training.run.layout import (
+    CHECKPOINTS_DIR,
     RESOLVED_RECIPE_FILENAME,
     append_metrics,
     find_resume_checkpoint,
@@ -70,7 +71,7 @@ from training.run.layout import (
     start_run_folder,
     write_text_atomic,
 )
-from training.run.schedule import TrainState, cosine_with_warmup, noise_seed, plan_batches
+from training.run.schedule import TrainState, cosine_with_warmup, noise_seed, plan_batches, set_peak_lr
 from training.run.shared_disk import check_shared_folder
 from training.teacher.build import build_teacher
 from training.teacher.domain import check_teacher_domain
@@ -275,21 +276,51 @@ def build_models(args, recipe: Recipe, accelerator: Accelerator):
     return teacher, model, recipe, interpreter, interpreter_info
 
 
-def open_run_folder(args, recipe: Recipe, output_dir: Path, accelerator: Accelerator) -> Path | None:
-    """The checkpoint to resume from (None: a fresh run); refuses a fresh run over old checkpoints and a resume
-    with another recipe, then writes recipe.json and args.json."""
+def open_run_folder(args, recipe: Recipe, output_dir: Path, accelerator: Accelerator) -> tuple[Path | None, Recipe]:
+    """(the checkpoint to resume from or None for a fresh run, the recipe this run trains); refuses a fresh run over
+    old checkpoints and a resume with another recipe, then writes recipe.json and args.json."""
     resume_from = find_resume_checkpoint(args.resume, output_dir)
     if resume_from is None:
         refuse_fresh_run_over_checkpoints(output_dir)
     saved = output_dir / RESOLVED_RECIPE_FILENAME
-    if resume_from is not None and saved.is_file() and recipe_from_dict(json.loads(saved.read_text())) != recipe:
-        raise ValueError(f"--resume: {saved} differs from this run's recipe; resume with the same recipe/overrides")
+    if resume_from is not None:
+        recipe = check_resume_recipe(resume_from, output_dir, recipe, lr_given=args.lr is not None)
     accelerator.wait_for_everyone()  # every rank has read recipe.json before the main process rewrites it
     start_run_folder(accelerator, output_dir, resume_from is None, logger)
     if accelerator.is_main_process:
         write_text_atomic(saved, json.dumps(recipe.to_dict(), indent=2) + "\n")
         write_text_atomic(output_dir / "args.json", json.dumps(vars(args), indent=2) + "\n")
-    return resume_from
+    return resume_from, recipe
+
+
+def check_resume_recipe(checkpoint: Path, output_dir: Path, recipe: Recipe, lr_given: bool) -> Recipe:
+    """The recipe a resume trains: refused, naming the fields, when it differs from the one the checkpoint's run
+    was trained with (the recipe.json beside its checkpoints/, also when resuming into another --output-dir). The
+    peak lr is the documented exception: given with --lr on resume it is the new one (lowering it after a
+    non-finite loss), else the run's own is kept."""
+    run_of_checkpoint = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS_DIR else output_dir
+    saved = run_of_checkpoint / RESOLVED_RECIPE_FILENAME
+    if not saved.is_file():
+        return recipe
+    then = recipe_from_dict(json.loads(saved.read_text()))
+    if lr_given:
+        then = dataclasses.replace(then, optim=dataclasses.replace(then.optim, lr=recipe.optim.lr))
+    else:
+        recipe = dataclasses.replace(recipe, optim=dataclasses.replace(recipe.optim, lr=then.optim.lr))
+    if then == recipe:
+        return recipe
+    old, new = _flat(then.to_dict()), _flat(recipe.to_dict())
+    diffs = [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k)]
+    raise ValueError(f"--resume {checkpoint}: its run's recipe ({saved}) differs from this run's "
+                     f"({'; '.join(diffs)}); resume with the same recipe and overrides (only --lr may change)")
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
 
 
 def training_length(args, recipe: Recipe, num_images: int | None) -> tuple[int, int]:
@@ -382,7 +413,7 @@ def main(argv: list[str] | None = None) -> Path:
     pairs = model.pairs
     optimizer = create_optimizer_v2(model, opt=recipe.optim.optimizer, lr=recipe.optim.lr,
                                     weight_decay=recipe.optim.weight_decay, betas=recipe.optim.betas)
-    resume_from = open_run_folder(args, recipe, output_dir, accelerator)
+    resume_from, recipe = open_run_folder(args, recipe, output_dir, accelerator)
 
     # -- data and schedule length
     dataset, num_images = build_data(args, recipe, accelerator)
@@ -397,8 +428,10 @@ def main(argv: list[str] | None = None) -> Path:
     loader = build_dataloader(dataset, micro_batch, shuffle=True, seed=args.seed, num_workers=args.num_workers)
     facts = {"data": str(args.data_dir or args.dataset or recipe.data.name), "images": num_images,
              "limit_images": args.limit_images, "global_batch": recipe.optim.batch_size, "micro_batch": micro_batch,
-             "processes": accelerator.num_processes, "accumulation": accumulation, "seed": args.seed}
+             "processes": accelerator.num_processes, "accumulation": accumulation, "seed": args.seed,
+             "teacher_sha256": teacher_fingerprint(teacher)}
     total_steps, warmup_steps = training_length(args, recipe, num_images)
+    facts["steps"] = total_steps  # the schedule's length: another one would bend the cosine mid-run
     min_lr_ratio = recipe.optim.min_lr / recipe.optim.lr
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, total_steps, warmup_steps, min_lr_ratio))
@@ -409,6 +442,9 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.register_for_checkpointing(lr_scheduler, state)
     if resume_from is not None:
         resume_checkpoint(accelerator, resume_from, facts, args.allow_resume_mismatch, output_dir, state, logger)
+        if args.lr is not None:
+            set_peak_lr(lr_scheduler, args.lr)
+            logger.info("--lr %g: the resumed schedule peaks at it from step %d on", args.lr, state.step)
     accelerator.init_trackers("pretrain", config={"recipe": recipe.name, "total_steps": total_steps,
                                                   "micro_batch": micro_batch, "accumulation": accumulation,
                                                   "processes": accelerator.num_processes})

@@ -56,7 +56,7 @@ from training.run.layout import (  # noqa: E402
     start_run_folder,
     write_text_atomic,
 )
-from training.run.schedule import TrainState, noise_seed, plan_batches  # noqa: E402
+from training.run.schedule import TrainState, noise_seed, plan_batches, set_peak_lr  # noqa: E402
 from training.teacher.ddpm import (  # noqa: E402
     TEACHER_EXPORT_FILES,
     build_scheduler,
@@ -69,6 +69,12 @@ from training.teacher.ddpm import (  # noqa: E402
 )
 
 logger = logging.getLogger("train_teacher")
+DEFAULT_LR = 2e-4
+
+
+def peak_lr(args: argparse.Namespace) -> float:
+    """--lr, else the default (None on the command line means: keep a resumed run's own)."""
+    return DEFAULT_LR if args.lr is None else args.lr
 
 
 def _int_list(s: str) -> tuple[int, ...]:
@@ -99,7 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="micro-batch per process; gradients accumulate to reach the global batch (default: "
                         "global batch / processes, capped at 128)")
     p.add_argument("--max-steps", type=int, default=10_000, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float,
+                   help=f"peak learning rate (default {DEFAULT_LR}); given on --resume, the resumed schedule peaks at "
+                        "it from there on (e.g. lower after a non-finite loss)")
     p.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--lr-warmup-steps", type=int, default=200)
     p.add_argument("--adam-beta1", type=float, default=0.95)
@@ -211,7 +219,7 @@ load with `UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=tor
 | optimizer steps | {state.step} |
 | batch size (global) | {args.batch_size} over {_world_size()} process(es) |
 | images seen | {state.images_seen} |
-| lr | {args.lr} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps), AdamW |
+| lr | {peak_lr(args)} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps), AdamW |
 | last logged loss | {loss} |
 | skipped (unreadable) images | {state.skipped} |
 | wall time | {state.wall_s / 60:.1f} min |
@@ -319,7 +327,7 @@ def main(argv: list[str] | None = None) -> Path:
     noise_scheduler = build_scheduler(args.num_train_timesteps)
     ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
                    power=args.ema_power, model_cls=UNet2DModel, model_config=unet.config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=peak_lr(args), betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay)
     sched_name = "constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler
     lr_scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -334,11 +342,15 @@ def main(argv: list[str] | None = None) -> Path:
     facts = {"data": str(args.data_dir or args.dataset or recipe.data.name), "split": args.split,
              "images": len(train_ds), "batch_per_device": micro_batch, "processes": accelerator.num_processes,
              "accumulation": accumulation, "resolution": args.resolution, "seed": args.seed,
-             "init_from": args.init_from}
+             "init_from": args.init_from, "max_steps": args.max_steps,
+             "num_train_timesteps": args.num_train_timesteps}
 
     if resume_path is not None:
         resume_checkpoint(accelerator, resume_path, facts, args.allow_resume_mismatch, output_dir, state, logger)
         ema.to(accelerator.device)
+        if args.lr is not None:
+            set_peak_lr(lr_scheduler, args.lr)
+            logger.info("--lr %g: the resumed schedule peaks at it from step %d on", args.lr, state.step)
 
     accelerator.init_trackers("train_teacher", config={
         k: (",".join(map(str, v)) if isinstance(v, tuple) else v) for k, v in vars(args).items()

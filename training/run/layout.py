@@ -262,7 +262,10 @@ def check_resume_facts(checkpoint: Path, facts: Mapping[str, Any], allow_mismatc
         return
     saved = json.loads(saved_file.read_text())
     now = json.loads(json.dumps(dict(facts)))
-    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+    unrecorded = sorted(set(now) - set(saved))
+    if unrecorded:  # a checkpoint of an older version of the trainer
+        logger.warning("%s does not record %s: the resume cannot check them", checkpoint, ", ".join(unrecorded))
+    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(saved)
              if saved.get(k) != now.get(k)]
     if not diffs:
         return
@@ -313,9 +316,64 @@ def start_run_folder(accelerator, run_dir: Path, fresh: bool, log: logging.Logge
     if not accelerator.is_main_process:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_folder(run_dir, log)
     remove_leftovers(run_dir)
     if fresh and cut_metrics_to_step(run_dir, 0):
         log.info("metrics.jsonl of an earlier run that left no checkpoint dropped: this run logs from step 1")
+
+
+LOCK_FILENAME = ".lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def lock_run_folder(run_dir: Path, log: logging.Logger) -> None:
+    """Hold `run_dir/.lock` (pid and host) until this process exits: a second job started in the same run folder
+    is refused, naming the holder, instead of deleting the first one's temporary checkpoints. A lock left by a
+    killed job of this host (its pid is gone) is taken over; one of another host is refused with how to clear it."""
+    import atexit
+    import socket
+
+    path = Path(run_dir) / LOCK_FILENAME
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                return  # this process holds it already (a second run of main() in one process)
+            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                log.warning("run folder %s: taking over the lock of pid %d, which is gone (a killed job)", run_dir,
+                            holder["pid"])
+                path.unlink(missing_ok=True)
+                continue
+            raise FileExistsError(f"run folder {run_dir} is in use by pid {holder.get('pid', '?')} on host "
+                                  f"{holder.get('host', '?')}; wait for that job, or if it is gone remove {path}"
+                                  ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(lambda: _release(path, me))
+        return
+
+
+def _release(path: Path, me: dict) -> None:
+    try:
+        if json.loads(path.read_text()) == me:
+            path.unlink()
+    except (OSError, json.JSONDecodeError):
+        pass
 
 
 def append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:

@@ -57,3 +57,14 @@ class TrainState:
     def load_state_dict(self, values: dict) -> None:
         for key, value in values.items():
             setattr(self, key, value)
+
+
+def set_peak_lr(scheduler, lr: float) -> None:
+    """Make a resumed LambdaLR schedule (or Accelerate's wrapper of one) peak at `lr` from the current step on: the
+    checkpoint brings back the old peak in the scheduler and the optimizer, so a `--lr` given on resume (after a
+    non-finite loss, say) would otherwise be ignored."""
+    inner = getattr(scheduler, "scheduler", scheduler)
+    inner.base_lrs = [lr for _ in inner.base_lrs]
+    for group, factor in zip(inner.optimizer.param_groups, inner.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(inner.last_epoch)
