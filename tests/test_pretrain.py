@@ -1,6 +1,7 @@
 """The distillation trainer end to end: tiny UNet teacher, resnet18 student, generated images, in-process."""
 
 import json
+import shutil
 import math
 import os
 import re
@@ -280,14 +281,16 @@ def test_checkpoint_saves_replace_atomically_and_clean_leftovers(tmp_path, teach
 
 def test_streaming_run_trains_and_resumes_and_a_changed_micro_batch_is_refused(tmp_path, teacher_dir):
     data = write_image_folder(tmp_path / "images", n=16)
-    common = ["--streaming", "--max-steps", "3", "--checkpoint-every", "2", "--no-export"]
+    common = ["--streaming", "--max-steps", "4", "--checkpoint-every", "2", "--no-export"]
     out = pretrain.main(_args(tmp_path / "run", teacher_dir, data, *common))
-    assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
-    resumed = pretrain.main(_args(tmp_path / "run", teacher_dir, data, *common, "--max-steps", "4", "--resume",
-                                  "latest"))
-    assert [r["step"] for r in _metrics(resumed)] == [1, 2, 3, 4]
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
+    shutil.rmtree(out / "checkpoints" / "step_4")  # as if killed after step 4's metrics, before its checkpoint
+    straight = _metrics(out)
+    resumed = pretrain.main(_args(tmp_path / "run", teacher_dir, data, *common, "--resume", "latest"))
+    assert [r["step"] for r in _metrics(resumed)] == [1, 2, 3, 4]  # steps 3 and 4 again, from step_2
+    assert [r["loss/loss"] for r in _metrics(resumed)] == pytest.approx([r["loss/loss"] for r in straight])
     with pytest.raises(ValueError, match=r"accumulation: 2 in the checkpoint, 4 now.*micro_batch: 4 .* 2 now"):
-        pretrain.main(_args(tmp_path / "run", teacher_dir, data, *common, "--max-steps", "5", "--resume", "latest",
+        pretrain.main(_args(tmp_path / "run", teacher_dir, data, *common, "--resume", "latest",
                             "--per-device-batch-size", "2"))
 
 

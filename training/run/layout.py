@@ -262,10 +262,7 @@ def check_resume_facts(checkpoint: Path, facts: Mapping[str, Any], allow_mismatc
         return
     saved = json.loads(saved_file.read_text())
     now = json.loads(json.dumps(dict(facts)))
-    unrecorded = sorted(set(now) - set(saved))
-    if unrecorded:  # a checkpoint of an older version of the trainer
-        logger.warning("%s does not record %s: the resume cannot check them", checkpoint, ", ".join(unrecorded))
-    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(saved)
+    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
              if saved.get(k) != now.get(k)]
     if not diffs:
         return
