@@ -1,10 +1,10 @@
 """The distillation trainer end to end: tiny UNet teacher, resnet18 student, generated images, in-process."""
 
 import json
-import shutil
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
