@@ -38,7 +38,6 @@ if __package__ in (None, ""):  # `python training/evaluate.py` puts training/, n
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
-import json
 import logging
 from typing import Any
 
@@ -54,7 +53,7 @@ from training.protocols.evaluation import (
     parse_protocols,
     per_fraction,
 )
-from training.run.layout import write_text_atomic
+from training.run.layout import write_report
 
 
 def _floats(text: str) -> list[float]:
@@ -141,10 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{report['seconds']['total']:.0f} s\n")
     print(format_table(report))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out, json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {out}")
+        print(f"\nwrote {write_report(args.out, report)}")
     return report
 
 

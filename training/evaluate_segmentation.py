@@ -31,7 +31,6 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from typing import Any  # noqa: E402
@@ -47,7 +46,7 @@ from training.protocols.dense_evaluation import (  # noqa: E402
 )
 from training.protocols.segmentation import MODES, Pyramid  # noqa: E402
 from training.run.backbones import load_backbone, recipe_for_model  # noqa: E402
-from training.run.layout import write_text_atomic  # noqa: E402
+from training.run.layout import write_report  # noqa: E402
 
 
 def protocols(text: str) -> list[str]:
@@ -132,10 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{report['settings']['test_images']} test images, {report['seconds']:.0f} s\n")
     print(format_table(report))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out, json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {out}")
+        print(f"\nwrote {write_report(args.out, report)}")
     return report
 
 

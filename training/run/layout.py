@@ -207,6 +207,14 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_report(path: str | Path, report: Mapping[str, Any]) -> Path:
+    """A command's JSON report (`--out`), its folder made, written atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
+    return path
+
+
 def refuse_foreign_folder(folder: Path, own_names: set[str], what: str) -> None:
     """An export replaces its target folder whole: refuse one that holds anything an export does not write, so a
     user's files are never deleted."""
