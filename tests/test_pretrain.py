@@ -163,6 +163,9 @@ def test_bad_inputs_give_clear_errors(tmp_path, teacher_dir, idx_dir):
         pretrain.main(_args(tmp_path / "c", teacher_dir, idx_dir, "--per-device-batch-size", "3"))
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         pretrain.main(_args(tmp_path / "d", tmp_path / "does-not-exist", idx_dir))
+    with pytest.raises(ValueError, match="teacher input 30x30 is not a multiple of 8"):  # at start-up: no data read
+        pretrain.main(_args(tmp_path / "e", teacher_dir, tmp_path / "no-data-needed", "--set",
+                            "data.input_size=(3,30,30)"))
 
 
 def test_data_that_gives_no_batch_fails_instead_of_looping_forever(tmp_path, teacher_dir, idx_dir):

@@ -266,6 +266,7 @@ def build_models(args, recipe: Recipe, accelerator: Accelerator):
         interpreter, interpreter_info = load_interpreter(recipe.label_distill.interpreter, teacher)
         c5_channels = max(student_levels(model.student, recipe.arch).items())[1][1]
         model.task_head = build_task_head(interpreter_info, c5_channels, [p.teacher_channels for p in pairs])
+    teacher.check_image_size(recipe.data.input_size[1:])
     if accelerator.is_main_process:
         logger.info("teacher taps:\n%s", describe_taps(teacher, recipe.data.input_size[1:]))
         logger.info("student levels <- teacher taps, by stride:\n%s\n%s",

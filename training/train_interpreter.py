@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, source=teacher_source(recipe),
                             device=accelerator.device)
+    teacher.check_image_size(recipe.data.input_size[1:])
     distiller, _ = build_distiller(recipe, dict(zip(teacher.strides, teacher.channels, strict=True)))
     teacher.keep_strides({pair.teacher_stride for pair in distiller.pairs})  # the taps the student distils
     del distiller

@@ -201,11 +201,7 @@ class FrozenTeacher:
             run_size = self.run_size(in_size)
             if run_size != in_size:
                 x = F.interpolate(x, size=run_size, mode="bilinear", align_corners=False, antialias=True)
-            if run_size[0] % self.size_multiple or run_size[1] % self.size_multiple:
-                raise ValueError(
-                    f"teacher input {run_size[0]}x{run_size[1]} is not a multiple of {self.size_multiple} (the "
-                    f"teacher's total downsampling); crop/resize the images or set TeacherConfig.resolution"
-                )
+            self.check_image_size(in_size)
             x0 = self._encode_latents(x) if self.vae is not None else x
             t = torch.full((x0.shape[0],), self.timestep, dtype=torch.long, device=self.device)
             if self.encoding == "noise":
@@ -237,6 +233,16 @@ class FrozenTeacher:
         if c == 1:
             return x.expand(-1, self.in_channels, -1, -1)
         raise ValueError(f"teacher takes {self.in_channels}-channel images, got {c} channels")
+
+    def check_image_size(self, size: Sequence[int]) -> None:
+        """A ValueError when images of `size` (H, W) reach the UNet at a size its downsampling does not divide:
+        the trainers call it before training, so the error comes at start-up, not at the first step."""
+        run_h, run_w = self.run_size(size)
+        if run_h % self.size_multiple or run_w % self.size_multiple:
+            raise ValueError(
+                f"teacher input {run_h}x{run_w} is not a multiple of {self.size_multiple} (the teacher's total "
+                f"downsampling); choose an image size (data.input_size) or a teacher.resolution that is"
+            )
 
     def run_size(self, size: Sequence[int]) -> tuple[int, int]:
         """The size the teacher encodes an image of `size` (H, W) at."""
