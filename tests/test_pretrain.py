@@ -568,3 +568,24 @@ def test_resume_takes_a_new_lr_and_refuses_another_recipe_or_length_naming_the_f
     with pytest.raises(ValueError, match=r"steps: 2 in the checkpoint, 5 now"):
         pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, "--max-steps", "5", "--checkpoint-every", "1",
                             "--no-export", "--resume", str(step_1)))
+
+
+class _RunsCode:
+    """A pickle that would run a command when loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_runs_no_code_from_a_planted_pickle(tmp_path, teacher_dir, idx_dir):
+    common = ("--max-steps", "2", "--checkpoint-every", "1", "--no-export")
+    run = pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, *common))
+    marker = tmp_path / "code-ran"
+    torch.save({"step": _RunsCode(marker)}, run / "checkpoints" / "step_2" / "custom_checkpoint_1.pkl")
+    with pytest.raises(ValueError, match=r"refusing to resume .*step_2: custom_checkpoint_1\.pkl is a pickle that "
+                                         r"does more than hold data"):
+        pretrain.main(_args(run, teacher_dir, idx_dir, *common, "--resume", "latest"))
+    assert not marker.exists()

@@ -285,6 +285,33 @@ def check_resume_facts(checkpoint: Path, facts: Mapping[str, Any], allow_mismatc
 # metrics.jsonl
 
 
+PICKLED_SUFFIXES = (".pkl", ".bin", ".pt", ".pth")
+
+
+def check_checkpoint_holds_only_data(checkpoint: Path) -> None:
+    """Refuse a checkpoint any of whose pickles (Accelerate's optimizer, sampler, RNG and registered-object files)
+    would do more than rebuild tensors, numbers, strings and numpy arrays: each is first read with torch's
+    restricted unpickler (`weights_only=True`), so the unrestricted load Accelerate then makes of the same files
+    runs no code from a run folder someone else wrote."""
+    import numpy as np
+    import torch
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 / numpy 1
+    numpy_state = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray._reconstruct]
+    for path in sorted(Path(checkpoint).iterdir()):
+        if path.suffix not in PICKLED_SUFFIXES:
+            continue
+        try:
+            with torch.serialization.safe_globals(numpy_state):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - UnpicklingError for a foreign global, or an unreadable file
+            detail = " ".join(str(e).split())[:300]
+            if "Unsupported global" in str(e) or "UnpicklingError" in type(e).__name__:
+                raise ValueError(f"refusing to resume from {checkpoint}: {path.name} is a pickle that does more "
+                                 f"than hold data and could run code ({detail}); resume only from checkpoints "
+                                 "you trust, written by this trainer") from e
+
+
 def resume_checkpoint(accelerator, checkpoint: Path, facts: Mapping[str, Any], allow_mismatch: bool, run_dir: Path,
                       state, log: logging.Logger) -> None:
     """Load `checkpoint` (weights, optimizer, schedule and every registered object, `state` included) after checking
@@ -296,6 +323,7 @@ def resume_checkpoint(accelerator, checkpoint: Path, facts: Mapping[str, Any], a
     candidates = [Path(checkpoint), *reversed(older)] if own else [Path(checkpoint)]
     for i, candidate in enumerate(candidates):
         check_resume_facts(candidate, facts, allow_mismatch)
+        check_checkpoint_holds_only_data(candidate)
         try:
             accelerator.load_state(str(candidate))
             break
