@@ -296,7 +296,8 @@ def render(report: dict[str, Any]) -> str:
              "", f"Machine: {report['machine']}", "",
              f"Test mIoU (%), mean of evaluation seeds (each seed's value); {report.get('num_classes', 11)} classes, "
              f"{report.get('test_images', '?')} test scenes.", "",
-             format_table(report), "", "Pretraining (seed 0; steps = budget / calibrated seconds per step):", "", "\n".join(cost)]
+             format_table(report), "", "Pretraining (seed 0; steps = budget / calibrated seconds per step):", "",
+             "\n".join(cost)]
     if interp:
         lines += ["", f"Mix-distillation's interpreter: {interp['labeled_images']} labelled scenes, "
                       f"{interp['epochs']} epochs, {interp['train_s']} s, validation mIoU {interp['val_miou']:.2f} "
