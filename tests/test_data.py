@@ -218,3 +218,25 @@ def test_16_bit_and_transparent_images_are_converted_as_they_mean_and_logged(tmp
     assert gray.shape == (16, 16, 3) and np.array_equal(gray[..., 0], np.arange(256).reshape(16, 16))  # not clipped
     assert (colour[:2] == 0).all() and (colour[2:] == [200, 0, 0]).all()  # transparent -> black background
     assert "16-bit" in caplog.text and "transparent" in caplog.text
+
+
+def test_offline_a_hub_dataset_in_the_datasets_cache_is_used_and_a_missing_one_is_a_clear_error(monkeypatch):
+    import datasets
+
+    from training.run.data import load_image_dataset
+
+    cached = datasets.Dataset.from_dict({"label": [0, 1]})
+    calls = []
+
+    def load_dataset(source, split=None, **kwargs):
+        calls.append(source)
+        if source == "someone/cached":
+            return cached
+        raise ConnectionError(f"offline and {source} is not cached")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert load_image_dataset("someone/cached", "train") is cached
+    with pytest.raises(FileNotFoundError, match="nor in the datasets cache, and HF_HUB_OFFLINE is set"):
+        load_image_dataset("someone/missing", "train")
+    assert calls == ["someone/cached", "someone/missing"]

@@ -257,10 +257,10 @@ def load_image_dataset(
             if found is not None:
                 logger.info("Fashion-MNIST from %s", found)
                 return load_idx_dataset(found, split)
-        if recipe_data.hub_dataset is None or hub_offline():
-            why = "HF_HUB_OFFLINE is set" if recipe_data.hub_dataset else "the recipe names no Hub dataset"
+        if recipe_data.hub_dataset is None:
             hint = MISSING_DATA_HELP if recipe_data.name == "fashion-mnist" else "pass --data-dir DIR or --dataset ID"
-            raise FileNotFoundError(f"no local copy of {recipe_data.name!r} found and {why}: {hint}")
+            raise FileNotFoundError(f"no local copy of {recipe_data.name!r} found and the recipe names no Hub "
+                                    f"dataset: {hint}")
         source = recipe_data.hub_dataset
 
     path = Path(source).expanduser()
@@ -284,12 +284,15 @@ def load_image_dataset(
 
     if Path(source).is_absolute() or str(source).startswith((".", "~")) or str(source).count("/") > 1:
         raise FileNotFoundError(f"data folder {source} does not exist (and it is not a Hub dataset id)")
-    if hub_offline():
+    try:  # offline, `datasets` still serves a copy it cached earlier
+        return datasets.load_dataset(str(source), split=split, streaming=streaming, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - offline, every miss is the same user error
+        if not hub_offline():
+            raise
         raise FileNotFoundError(
-            f"{source!r} is not a local folder and HF_HUB_OFFLINE is set, so it cannot be loaded from the Hub; "
-            f"pass --data-dir DIR" + (f" ({MISSING_DATA_HELP})" if source == FASHION_MNIST_HUB_ID else "")
-        )
-    return datasets.load_dataset(str(source), split=split, streaming=streaming, cache_dir=cache_dir)
+            f"{source!r} is not a local folder nor in the datasets cache, and HF_HUB_OFFLINE is set, so it cannot be "
+            f"downloaded; pass --data-dir DIR" + (f" ({MISSING_DATA_HELP})" if source == FASHION_MNIST_HUB_ID else "")
+        ) from e
 
 
 # ---------------------------------------------------------------------------------------------------------------
