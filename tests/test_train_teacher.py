@@ -619,6 +619,7 @@ def test_a_new_lr_on_resume_is_taken_and_a_new_length_refused(tmp_path, idx_dir,
     rows = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     # the uninterrupted run logs 1e-3, 7.5e-4, 2.5e-4, 0: after the resume the same cosine at half the peak
     assert [rows[s] for s in (1, 2, 3, 4)] == pytest.approx([1e-3, 7.5e-4, 1.25e-4, 0.0], abs=1e-12)
+    assert "| lr | 0.0005 (cosine" in (run / "export" / "README.md").read_text()  # the record says the new peak
     common[common.index("--max-steps") + 1] = "8"
     with pytest.raises(ValueError, match="max_steps: 4 in the checkpoint, 8 now"):
         train_teacher.main([*common, "--output-dir", str(run), "--resume", "latest"])

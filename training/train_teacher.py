@@ -69,12 +69,7 @@ from training.teacher.ddpm import (  # noqa: E402
 )
 
 logger = logging.getLogger("train_teacher")
-DEFAULT_LR = 2e-4
-
-
-def peak_lr(args: argparse.Namespace) -> float:
-    """--lr, else the default (None on the command line means: keep a resumed run's own)."""
-    return DEFAULT_LR if args.lr is None else args.lr
+DEFAULT_LR = 2e-4  # --lr unset: this on a fresh run, the run's own on a resume
 
 
 def _int_list(s: str) -> tuple[int, ...]:
@@ -191,7 +186,7 @@ def check_init_from(folder: str, args: argparse.Namespace) -> None:
                          "--norm-num-groups / --num-train-timesteps")
 
 
-def _readme(args, argv, state: TrainState, final_loss: float | None, unet) -> str:
+def _readme(args, argv, state: TrainState, final_loss: float | None, unet, peak_lr: float) -> str:
     cmd = f"accelerate launch --num_processes {_world_size()} training/train_teacher.py " + " ".join(
         shlex.quote(a) for a in argv)
     n_params = sum(p.numel() for p in unet.parameters())
@@ -219,7 +214,7 @@ load with `UNet2DModel.from_pretrained(folder, subfolder="unet", torch_dtype=tor
 | optimizer steps | {state.step} |
 | batch size (global) | {args.batch_size} over {_world_size()} process(es) |
 | images seen | {state.images_seen} |
-| lr | {peak_lr(args)} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps), AdamW |
+| lr | {peak_lr:g} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps), AdamW |
 | last logged loss | {loss} |
 | skipped (unreadable) images | {state.skipped} |
 | wall time | {state.wall_s / 60:.1f} min |
@@ -327,8 +322,8 @@ def main(argv: list[str] | None = None) -> Path:
     noise_scheduler = build_scheduler(args.num_train_timesteps)
     ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
                    power=args.ema_power, model_cls=UNet2DModel, model_config=unet.config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=peak_lr(args), betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=DEFAULT_LR if args.lr is None else args.lr,
+                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
     sched_name = "constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler
     lr_scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_steps)
@@ -447,7 +442,7 @@ def main(argv: list[str] | None = None) -> Path:
             last_grid = save_samples(accelerator, unet, ema, noise_scheduler, args, output_dir, state.step)
         model = accelerator.unwrap_model(unet)
         export_teacher(model, ema, noise_scheduler, export_dir, args.fp16_export, last_grid,
-                       _readme(args, argv, state, last_loss, model))
+                       _readme(args, argv, state, last_loss, model, lr_scheduler.base_lrs[0]))
         logger.info("exported EMA teacher to %s (%d steps, %.1f min)", export_dir, state.step, state.wall_s / 60)
     accelerator.end_training()
     return export_dir

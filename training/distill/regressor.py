@@ -31,13 +31,18 @@ def select_pyramid_indices(
 
 
 
+def feature_reductions(model: nn.Module, arch: str = "model") -> list[int]:
+    """The reduction (stride) of each level of a timm CNN's feature_info; a clear error for a model without one."""
+    if not hasattr(model, "forward_intermediates") or not hasattr(model, "feature_info"):
+        raise ValueError(f"{arch} has no forward_intermediates/feature_info in timm; pick a timm CNN backbone")
+    return [info["reduction"] for info in model.feature_info]
+
+
 def student_levels(model: nn.Module, arch: str = "model") -> dict[int, tuple[int, int]]:
     """{stride: (feature_info index, channels)} of every level the student offers: C2..C5 (strides 4, 8, 16, 32,
     required) plus the stride-2 stem level where timm's feature_info has one (resnet, efficientnet; not convnext).
     Levels are picked by reduction, so any CNN family works."""
-    if not hasattr(model, "forward_intermediates") or not hasattr(model, "feature_info"):
-        raise ValueError(f"{arch} has no forward_intermediates/feature_info in timm; pick a timm CNN backbone")
-    reductions = [info["reduction"] for info in model.feature_info]
+    reductions = feature_reductions(model, arch)
     select_pyramid_indices(reductions, arch)  # C2..C5 must exist
     strides = sorted({r for r in reductions if r in (2, *PYRAMID_STRIDES)})
     indices = select_pyramid_indices(reductions, arch, strides)
@@ -63,7 +68,7 @@ def student_pyramid(model: nn.Module, images: Tensor, indices: Sequence[int]) ->
     return model.forward_intermediates(images, indices=list(indices), intermediates_only=True)
 
 
-def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
         nn.BatchNorm2d(out_channels),
@@ -71,7 +76,7 @@ def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.S
     )
 
 
-def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
+def resize_to(x: Tensor, size: Sequence[int]) -> Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
@@ -87,13 +92,13 @@ class PyramidPooling(nn.Module):
     def __init__(self, in_channels: int, width: int, bins: Sequence[int]):
         super().__init__()
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(b), _conv_bn_relu(in_channels, width, 1)) for b in bins
+            nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(in_channels, width, 1)) for b in bins
         )
-        self.bottleneck = _conv_bn_relu(in_channels + len(bins) * width, width, 3)
+        self.bottleneck = conv_bn_relu(in_channels + len(bins) * width, width, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]
-        pooled = [_resize(stage(x), size) for stage in self.stages]
+        pooled = [resize_to(stage(x), size) for stage in self.stages]
         return self.bottleneck(torch.cat([x, *pooled], dim=1))
 
 
@@ -135,13 +140,13 @@ class FeatureRegressor(nn.Module):
             if not all(out_channels):
                 raise ValueError(f"FeatureRegressor without top-down path: every level needs a target, got "
                                  f"out_channels={list(out_channels)}")
-            self.own = nn.ModuleList(_conv_bn_relu(c, width, 3) for c in in_channels)
+            self.own = nn.ModuleList(conv_bn_relu(c, width, 3) for c in in_channels)
             self.head = nn.ModuleDict({str(i): nn.Conv2d(width, c, 1) for i, c in enumerate(out_channels)})
             return
         self.ppm = PyramidPooling(in_channels[-1], width, ppm_bins)
-        self.lateral = nn.ModuleList(_conv_bn_relu(c, width, 1) for c in in_channels[:-1])
+        self.lateral = nn.ModuleList(conv_bn_relu(c, width, 1) for c in in_channels[:-1])
         # output convs only where a head reads them (unused parameters would stall DDP)
-        self.fpn_out = nn.ModuleDict({str(i): _conv_bn_relu(width, width, 3)
+        self.fpn_out = nn.ModuleDict({str(i): conv_bn_relu(width, width, 3)
                                       for i, c in enumerate(out_channels[:-1]) if c})
         self.head = nn.ModuleDict({str(i): nn.Conv2d(width, c, 1) for i, c in enumerate(out_channels) if c})
 
@@ -161,7 +166,7 @@ class FeatureRegressor(nn.Module):
         merged = [self.ppm(features[-1])]
         for lateral, f in zip(reversed(self.lateral), reversed(features[:-1]), strict=True):
             x = lateral(f)
-            merged.append(x + _resize(merged[-1], x.shape[-2:]))
+            merged.append(x + resize_to(merged[-1], x.shape[-2:]))
         merged.reverse()  # finest first
         preds = []
         for key, head in self.head.items():  # paired levels, finest first

@@ -40,6 +40,7 @@ from training.run.hardware import machine_info
 
 logger = logging.getLogger("dreamteacher.evaluate_segmentation")
 
+
 @dataclasses.dataclass(frozen=True)
 class DenseEvalConfig:
     data_dir: str

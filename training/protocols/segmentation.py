@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.distill.regressor import PYRAMID_STRIDES, select_pyramid_indices, student_pyramid
+from training.distill.regressor import (
+    PYRAMID_STRIDES,
+    conv_bn_relu,
+    feature_reductions,
+    resize_to,
+    select_pyramid_indices,
+    student_pyramid,
+)
 from training.labels.dense_masks import IGNORE_ID
 from training.run.schedule import cosine_with_warmup
 
@@ -38,20 +45,12 @@ class Pyramid(nn.Module):
 
     def __init__(self, model: nn.Module, arch: str = "model", strides: Sequence[int] = PYRAMID_STRIDES):
         super().__init__()
-        if not hasattr(model, "forward_intermediates") or not hasattr(model, "feature_info"):
-            raise ValueError(f"{arch} has no forward_intermediates/feature_info in timm; pick a timm CNN backbone")
-        reductions = [info["reduction"] for info in model.feature_info]
         self.model = model
-        self.indices = select_pyramid_indices(reductions, arch, strides)
+        self.indices = select_pyramid_indices(feature_reductions(model, arch), arch, strides)
         self.channels = tuple(int(model.feature_info[i]["num_chs"]) for i in self.indices)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return student_pyramid(self.model, images, self.indices)
-
-
-def _upsample(x: Tensor, size: Sequence[int]) -> Tensor:
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode="bilinear",
-                                                                      align_corners=False)
 
 
 class LinearPixelHead(nn.Module):
@@ -64,12 +63,7 @@ class LinearPixelHead(nn.Module):
 
     def forward(self, levels: Sequence[Tensor]) -> Tensor:
         size = levels[0].shape[-2:]
-        return self.classifier(self.norm(torch.cat([_upsample(f.float(), size) for f in levels], dim=1)))
-
-
-def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+        return self.classifier(self.norm(torch.cat([resize_to(f.float(), size) for f in levels], dim=1)))
 
 
 class FPNHead(nn.Module):
@@ -78,16 +72,16 @@ class FPNHead(nn.Module):
 
     def __init__(self, channels: Sequence[int], num_classes: int, width: int = 128):
         super().__init__()
-        self.lateral = nn.ModuleList(_conv_bn_relu(c, width, 1) for c in channels)
-        self.smooth = nn.ModuleList(_conv_bn_relu(width, width, 3) for _ in channels)
+        self.lateral = nn.ModuleList(conv_bn_relu(c, width, 1) for c in channels)
+        self.smooth = nn.ModuleList(conv_bn_relu(width, width, 3) for _ in channels)
         self.classifier = nn.Conv2d(width, num_classes, 1)
 
     def forward(self, levels: Sequence[Tensor]) -> Tensor:
         merged = [lat(f) for lat, f in zip(self.lateral, levels, strict=True)]
         for i in range(len(merged) - 2, -1, -1):  # top-down: each level adds the coarser one, upsampled
-            merged[i] = merged[i] + _upsample(merged[i + 1], merged[i].shape[-2:])
+            merged[i] = merged[i] + resize_to(merged[i + 1], merged[i].shape[-2:])
         size = merged[0].shape[-2:]
-        return self.classifier(sum(_upsample(s(m), size) for s, m in zip(self.smooth, merged, strict=True)))
+        return self.classifier(sum(resize_to(s(m), size) for s, m in zip(self.smooth, merged, strict=True)))
 
 
 def build_head(mode: str, channels: Sequence[int], num_classes: int) -> nn.Module:
@@ -135,7 +129,7 @@ def pixel_logits(pyramid: nn.Module, head: nn.Module, images: Tensor, frozen: bo
             levels = pyramid(images)
     else:
         levels = pyramid(images)
-    return _upsample(head(levels), size)
+    return resize_to(head(levels), size)
 
 
 @torch.no_grad()

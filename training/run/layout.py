@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -41,11 +42,12 @@ RUN_FACTS_FILENAME = "run.json"  # in each checkpoint: the data, batch, processe
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """The run's complete checkpoints, oldest first (incomplete ones are never renamed to step_N)."""
-    steps = [p for p in (Path(run_dir) / CHECKPOINTS_DIR).glob("step_*") if p.name[5:].isdigit() and p.is_dir()]
-    return sorted(steps, key=lambda p: int(p.name[5:]))
+    steps = [p for p in (Path(run_dir) / CHECKPOINTS_DIR).glob("step_*") if _step_of(p) >= 0 and p.is_dir()]
+    return sorted(steps, key=_step_of)
 
 
 def _step_of(checkpoint: Path) -> int:
+    """N of a step_N folder, -1 for any other name."""
     name = Path(checkpoint).name
     return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else -1
 
@@ -136,19 +138,13 @@ def replace_dir(new: Path, target: Path) -> None:
     """Move `new` to `target`, replacing an existing folder with no moment where neither is complete; `new` is
     synced to the disk before the rename and the rename itself after it."""
     fsync_tree(new)
-    _replace_dir(new, target)
-    fsync_path(target.parent)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
+    old = target.with_name(f".{target.name}.old")
     if target.exists():
-        old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)
+    new.rename(target)
+    fsync_path(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def replaceable_folder(target: str | Path) -> Path:
@@ -304,12 +300,12 @@ def check_checkpoint_holds_only_data(checkpoint: Path) -> None:
         try:
             with torch.serialization.safe_globals(numpy_state):
                 torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - UnpicklingError for a foreign global, or an unreadable file
-            detail = " ".join(str(e).split())[:300]
-            if "Unsupported global" in str(e) or "UnpicklingError" in type(e).__name__:
-                raise ValueError(f"refusing to resume from {checkpoint}: {path.name} is a pickle that does more "
-                                 f"than hold data and could run code ({detail}); resume only from checkpoints "
-                                 "you trust, written by this trainer") from e
+        except pickle.UnpicklingError as e:  # a global outside the allowlist (an unreadable file: load_state says)
+            raise ValueError(f"refusing to resume from {checkpoint}: {path.name} is a pickle that does more than "
+                             f"hold data and could run code ({' '.join(str(e).split())[:300]}); resume only from "
+                             "checkpoints you trust, written by this trainer") from e
+        except Exception:  # noqa: BLE001, S110 - truncated or empty: left to load_state, whose failure falls back
+            pass
 
 
 def resume_checkpoint(accelerator, checkpoint: Path, facts: Mapping[str, Any], allow_mismatch: bool, run_dir: Path,
