@@ -547,16 +547,17 @@ def test_export_readme_records_the_launch_loss_precision_and_wall_time(monkeypat
     state = train_teacher.TrainState()
     state.wall_s, state.step = 150.0, 12
     unet = torch.nn.Linear(999, 1000)  # 1.00 M parameters
-    readme = train_teacher._readme(args, ["--data-dir", "d"], state, 0.123456, unet)
+    readme = train_teacher._readme(args, ["--data-dir", "d"], state, 0.123456, unet, 2e-4)
     assert "| command | `accelerate launch --num_processes 1 training/train_teacher.py --data-dir d` |" in readme
     assert "| last logged loss | 0.1235 |" in readme and "| wall time | 2.5 min |" in readme
     assert "| optimizer steps | 12 |" in readme and "1.00 M parameters" in readme
+    assert "| lr | 0.0002 (cosine, 200 warm-up steps), AdamW |" in readme
     assert "Weights are the EMA weights;" in readme  # fp32 unless --fp16-export
     fp16 = SimpleNamespace(**{**vars(args), "fp16_export": True})
-    assert "Weights are the EMA weights cast to fp16;" in train_teacher._readme(fp16, [], state, 0.1, unet)
-    assert "| last logged loss | n/a |" in train_teacher._readme(args, [], state, None, unet)
+    assert "Weights are the EMA weights cast to fp16;" in train_teacher._readme(fp16, [], state, 0.1, unet, 2e-4)
+    assert "| last logged loss | n/a |" in train_teacher._readme(args, [], state, None, unet, 2e-4)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    readme = train_teacher._readme(args, ["--data-dir", "d"], state, 0.1, unet)
+    readme = train_teacher._readme(args, ["--data-dir", "d"], state, 0.1, unet, 2e-4)
     assert "| command | `accelerate launch --num_processes 2 training/train_teacher.py --data-dir d` |" in readme
     assert f"| batch size (global) | {args.batch_size} over 2 process(es) |" in readme
 
