@@ -138,3 +138,25 @@ def test_a_corrupt_streamed_image_is_skipped_and_the_rest_of_the_stream_still_co
         items = list(first_pixel)
     assert [None if item is None else int(item["pixel_values"]) for item in items] == [0, 10, None, 30, 40, 50]
     assert "skipping unreadable streamed image 2: UnidentifiedImageError" in caplog.text
+
+
+def test_a_reader_failure_mid_stream_stops_with_a_clear_error_instead_of_shortening_the_epoch():
+    """A generator that raised is finished: yielding on would silently drop the rest of the worker's epoch."""
+    import datasets
+
+    from training.run.data import StreamingImageDataset, StreamReadError
+
+    def rows():
+        for i in range(6):
+            if i == 3:
+                raise ConnectionError("Server Disconnected")
+            yield {"x": i}
+
+    stream = StreamingImageDataset(datasets.IterableDataset.from_generator(rows), lambda x: x, image_key="x")
+    seen = []
+    with pytest.raises(StreamReadError, match=r"^streaming: reading example 3 of this worker's stream failed with "
+                                               r"ConnectionError: Server Disconnected\. .*STREAMING_READ_MAX_RETRIES "
+                                               r"= \d+\).*--resume"):
+        for item in stream:
+            seen.append(item["pixel_values"])
+    assert seen == [0, 1, 2]

@@ -20,7 +20,9 @@ DataLoader workers (separate processes) and with several ranks: the trainer adds
 may ``accelerator.gather`` it) and logs the total. `SkipCounter` is a tiny helper for that. A batch whose items were
 all bad has ``pixel_values`` of shape ``(0,)``; the trainers ask every rank (`guards.every_rank_has_images`, one
 collective) and all ranks skip such a micro-batch together, so none waits at a gradient sync the others never reach.
-Nothing is ever skipped silently and nothing is fatal.
+Nothing is ever skipped silently and no bad image is fatal. A streamed example is decoded the same way, outside the
+`datasets` iterator; a failure of the reader itself (a connection still down after `datasets`' own read retries) ends
+the iterator, so it raises `StreamReadError` instead of silently shortening the epoch.
 
 Order and sharding (design): `build_dataloader` uses `EpochSeededSampler`, whose permutation depends only on
 ``(seed, epoch)``, never on the rank or on how many epochs ran before; for an `ImageDataset` it also hands each item
@@ -532,6 +534,20 @@ def split_streaming(dataset, seed: int = 0, buffer_size: int = SHUFFLE_BUFFER, r
     return dataset.shuffle(seed=seed, buffer_size=buffer_size)
 
 
+class StreamReadError(RuntimeError):
+    """The stream's reader failed after `datasets`' own bounded retries; the epoch cannot go on without a gap."""
+
+    @classmethod
+    def at(cls, position: int, cause: Exception) -> StreamReadError:
+        import datasets
+
+        return cls(f"streaming: reading example {position} of this worker's stream failed with "
+                   f"{type(cause).__name__}: {cause}. Transient read errors were already retried "
+                   f"(datasets.config.STREAMING_READ_MAX_RETRIES = {datasets.config.STREAMING_READ_MAX_RETRIES}); "
+                   "the run stops rather than train on a shortened epoch. Rerun with --resume to continue from the "
+                   "last checkpoint.")
+
+
 class StreamingImageDataset(torch.utils.data.IterableDataset):
     """Torch iterable over a streaming ``datasets.IterableDataset`` with the same skip-bad-image behaviour.
 
@@ -577,11 +593,8 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
                 row = next(it)
             except StopIteration:
                 return
-            except Exception as e:  # noqa: BLE001 - a bad example on the stream
-                logger.warning("skipping unreadable streamed example %d: %s: %s", i, type(e).__name__, e)
-                yield None
-                i += 1
-                continue
+            except Exception as e:  # the reader itself failed: a generator that raised is finished
+                raise StreamReadError.at(i, e) from e
             try:
                 image = row[self.image_key]
                 if self.decoder is not None:
