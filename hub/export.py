@@ -24,6 +24,7 @@ from dreamteacher_models._timm_registry import WEIGHTS_FILENAME
 from dreamteacher_models.recipes import Recipe, get_recipe
 from training.run.backbones import load_student
 from training.run.checksums import read_safetensors, sha256_file, write_checksums
+from training.run.disk_full import reporting_full_disk
 from training.run.layout import (
     RESOLVED_RECIPE_FILENAME,
     find_run_checkpoint,
@@ -67,14 +68,16 @@ def export_for_hub(
     refuse_foreign_folder(out_dir, EXPORT_FILES, "a previous export (hub/export.py)")
     staging = fresh_staging_dir(out_dir)
     try:
-        timm.models.save_for_hf(model, staging, safe_serialization=True)
-        _check_no_pickles(staging)
-        digest = sha256_file(staging / WEIGHTS_FILENAME)
-        params_m = sum(p.numel() for p in model.parameters()) / 1e6
-        card = render_model_card(recipe, params_m=params_m, sha256=digest, results=results, results_note=results_note)
-        card.save(staging / "README.md")
-        (staging / RESOLVED_RECIPE_FILENAME).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-        write_checksums(staging)
+        with reporting_full_disk(staging.parent, "the export"):
+            timm.models.save_for_hf(model, staging, safe_serialization=True)
+            _check_no_pickles(staging)
+            digest = sha256_file(staging / WEIGHTS_FILENAME)
+            params_m = sum(p.numel() for p in model.parameters()) / 1e6
+            card = render_model_card(recipe, params_m=params_m, sha256=digest, results=results,
+                                     results_note=results_note)
+            card.save(staging / "README.md")
+            (staging / RESOLVED_RECIPE_FILENAME).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+            write_checksums(staging)
         give_files_umask_modes(staging)
         replace_dir(staging, out_dir)
     except BaseException:

@@ -167,6 +167,21 @@ def test_replace_dir_swaps_a_folder_whole(tmp_path):
     assert os.listdir(target) == ["b"] and (target / "b").read_text() == "second"  # the old files did not survive
 
 
+def test_a_checkpoint_moved_aside_by_a_killed_replacement_is_put_back(tmp_path):
+    """A kill between moving step_N aside and renaming its new save in leaves no step_N: the next start restores
+    the moved-aside one instead of resuming from an older checkpoint (or, with --keep-checkpoints 1, from none)."""
+    folder = tmp_path / CHECKPOINTS_DIR
+    (folder / ".step_6.old").mkdir(parents=True)
+    (folder / ".step_6.old" / WEIGHTS).write_text("step 6")
+    (folder / ".step_5.old").mkdir()  # moved aside, but its replacement took the name: stale
+    (folder / "step_5").mkdir()
+    (folder / "step_5" / WEIGHTS).write_text("new step 5")
+    remove_leftovers(tmp_path)
+    assert sorted(os.listdir(folder)) == ["step_5", "step_6"]
+    assert (folder / "step_6" / WEIGHTS).read_text() == "step 6" and (folder / "step_5" / WEIGHTS).read_text() == (
+        "new step 5")
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 

@@ -46,8 +46,13 @@ def test_both_tasks_train_validate_and_export(tmp_path, setup, task, kind):
 
 def test_resume_continues_and_a_fresh_run_over_it_is_refused(tmp_path, setup):
     first = _run(tmp_path / "run", setup, "--labels-fraction", "0.5")
-    longer = _run(tmp_path / "run", setup, "--labels-fraction", "0.5", "--epochs", "3", "--resume", "latest")
-    assert json.loads((longer / "interpreter.json").read_text())["epochs"] == 3
+    assert json.loads((first / "interpreter.json").read_text())["peak_lr"] == train_interpreter.DEFAULT_LR
+    with pytest.raises(ValueError, match=r"epochs: 2 in the checkpoint, 3 now.*--allow-resume-mismatch"):
+        _run(tmp_path / "run", setup, "--labels-fraction", "0.5", "--epochs", "3", "--resume", "latest")
+    longer = _run(tmp_path / "run", setup, "--labels-fraction", "0.5", "--epochs", "3", "--resume", "latest",
+                  "--allow-resume-mismatch", "--lr", "1e-3")
+    info = json.loads((longer / "interpreter.json").read_text())
+    assert info["epochs"] == 3 and info["peak_lr"] == 1e-3  # a --lr given on resume is the schedule's new peak
     assert len(list((first / "checkpoints").iterdir())) == 1  # keep=1: the newest epoch's
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         _run(tmp_path / "run", setup, "--labels-fraction", "0.5")

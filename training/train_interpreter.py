@@ -62,19 +62,21 @@ from training.run.guards import stop_if_not_finite  # noqa: E402
 from training.run.hardware import cpu_threads_per_process  # noqa: E402
 from training.run.layout import (  # noqa: E402
     atomic_file,
-    check_resume_facts,
     find_resume_checkpoint,
     refuse_fresh_run_over_checkpoints,
+    resume_checkpoint,
     save_checkpoint,
+    start_run_folder,
     write_text_atomic,
 )
-from training.run.schedule import TrainState, cosine_with_warmup, noise_seed  # noqa: E402
+from training.run.schedule import TrainState, cosine_with_warmup, noise_seed, set_peak_lr  # noqa: E402
 from training.teacher.build import build_teacher  # noqa: E402
 from training.teacher.domain import check_teacher_domain
 from training.teacher.sources import teacher_source  # noqa: E402
 
 logger = logging.getLogger("dreamteacher.train_interpreter")
 TASKS = ("classes", "fmnist-masks", "masks")
+DEFAULT_LR = 4e-3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,12 +97,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="epochs between validations (default 10; the last epoch is always validated). The score "
                         "is progress information: no checkpoint is chosen by it")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULT_LR}; given on --resume, the "
+                   "resumed schedule peaks at it from there on)")
     p.add_argument("--width", type=int, default=256, help="dense interpreter width (default 256, the paper's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads on CPU (default: every core)")
     p.add_argument("--output-dir", default="runs/interpreter")
     p.add_argument("--resume", help="'latest' or a checkpoint folder")
+    p.add_argument("--allow-resume-mismatch", action="store_true",
+                   help="resume even when the task, labels, batch, epochs, seed or process count differ")
     p.add_argument("--report-memory", action="store_true", help="log the peak resident memory at the end")
     args = p.parse_args(argv)
     if min(args.epochs, args.batch_size, args.labels, args.validate_every) < 1:
@@ -222,6 +227,7 @@ def main(argv: list[str] | None = None) -> Path:
     resume_from = find_resume_checkpoint(args.resume, output_dir)
     if resume_from is None:
         refuse_fresh_run_over_checkpoints(output_dir)
+    start_run_folder(accelerator, output_dir, resume_from is None, logger)
 
     teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, source=teacher_source(recipe),
                             device=accelerator.device)
@@ -236,17 +242,20 @@ def main(argv: list[str] | None = None) -> Path:
                                          generator=torch.Generator().manual_seed(args.seed), drop_last=True)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=256)
     interpreter = build_interpreter(args.task, teacher, args.width, num_classes)
-    optimizer = torch.optim.AdamW(interpreter.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
+    peak_lr = DEFAULT_LR if args.lr is None else args.lr
+    optimizer = torch.optim.AdamW(interpreter.parameters(), lr=peak_lr, weight_decay=0.05, betas=(0.9, 0.95))
     total_steps = args.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total_steps, 0))
     interpreter, optimizer = accelerator.prepare(interpreter, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
     facts = {"task": args.task, "labeled": len(train_set), "batch": loader.batch_size, "seed": args.seed,
-             "processes": accelerator.num_processes}
+             "processes": accelerator.num_processes, "epochs": args.epochs}
     if resume_from is not None:
-        check_resume_facts(resume_from, facts)
-        accelerator.load_state(str(resume_from))
+        resume_checkpoint(accelerator, resume_from, facts, args.allow_resume_mismatch, output_dir, state, logger)
+        if args.lr is not None:
+            set_peak_lr(scheduler, args.lr)
+            logger.info("--lr %g: the resumed schedule peaks at it from step %d on", args.lr, state.step)
     logger.info("%s: %d labeled images, %d epochs of %d steps, teacher taps %s at t=%d", args.task, len(train_set),
                 args.epochs, len(loader), list(teacher.strides), teacher.timestep)
 
@@ -285,6 +294,7 @@ def main(argv: list[str] | None = None) -> Path:
         info = {"task": args.task, "num_classes": model.num_classes, "labeled_images": len(train_set),
                 "taps": {str(s): c for s, c in model.channels.items()}, "timestep": teacher.timestep,
                 "teacher": teacher.source, "recipe": recipe.name, "epochs": args.epochs,
+                "peak_lr": scheduler.base_lrs[0],
                 "validation": {"metric": "top-1" if args.task == "classes" else "mIoU", "score": score,
                                "images": len(val_set)}}
         if args.report_memory:

@@ -24,8 +24,8 @@ fresh one. What this changes, and why it is opt-in (a documented deviation from 
 The cache is keyed (`cache_key`): teacher weights (SHA-256), taps, timestep, encoding, resolution, teacher dtype,
 normalisation, the data (image count and a SHA-256 of a spread of preprocessed images), K, orientations and the
 seed. A cache whose key differs from the run's is refused with the differing fields named. It is written
-atomically: into a hidden `.<name>.partial-<pid>` folder, renamed to its name when complete; a killed writer leaves
-only a partial folder, removed by the next build, never a cache that passes as complete.
+atomically: into a hidden `.<name>.partial-<pid>` folder, synced to the disk and renamed to its name when complete;
+a killed writer leaves only a partial folder, removed by the next build, never a cache that passes as complete.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from training.run.disk_full import FULL_DISK_ERRNOS, reporting_full_disk
+from training.run.layout import replace_dir
 from training.run.schedule import noise_seed
 
 logger = logging.getLogger(__name__)
@@ -137,13 +139,27 @@ def encoding_generator(seed: int, encoding: int, orientation: int, first_index: 
         noise_seed(seed, (2 * encoding + orientation) * 7_919 + first_index * 31))
 
 
+def reserved_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A zero fp16 .npy memory map whose blocks are reserved on the disk first: writing into a sparse map on a full
+    disk kills the process with SIGBUS, so the space is claimed (`posix_fallocate`, ENOSPC if it is not there)
+    before any is written."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+            except OSError as e:
+                if e.errno in FULL_DISK_ERRNOS:
+                    raise
+                # a file system that cannot reserve space (EOPNOTSUPP, EINVAL): the map stays sparse
+    return array
+
+
 def build_feature_cache(folder: str | os.PathLike, teacher, dataset, key: Mapping[str, Any], batch_size: int = 256,
                         progress: bool = True) -> FeatureCache:
     """Encode every image of `dataset` (an `ImageDataset` with `return_index`, no random flip) K times, and its
     mirror image K times when the key has 2 orientations, and write the cache atomically at `folder`; unreadable
     images are skipped (their rows stay zero; training skips them)."""
-    from training.run.data import build_dataloader
-
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder} already exists; open it with FeatureCache or delete it to rebuild")
@@ -151,6 +167,18 @@ def build_feature_cache(folder: str | os.PathLike, teacher, dataset, key: Mappin
         shutil.rmtree(leftover, ignore_errors=True)
     staging = folder.parent / f".{folder.name}.partial-{os.getpid()}"
     staging.mkdir(parents=True)
+    try:
+        with reporting_full_disk(folder.parent, "the teacher-feature cache"):
+            return _write_feature_cache(folder, staging, teacher, dataset, key, batch_size, progress)
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_feature_cache(folder: Path, staging: Path, teacher, dataset, key: Mapping[str, Any], batch_size: int,
+                         progress: bool) -> FeatureCache:
+    from training.run.data import build_dataloader
+
     n, k_total, orientations = len(dataset), int(key["encodings"]), int(key["orientations"])
     loader = build_dataloader(dataset, batch_size, shuffle=False, drop_last=False)
     arrays: dict[int, np.memmap] = {}
@@ -166,20 +194,18 @@ def build_feature_cache(folder: str | os.PathLike, teacher, dataset, key: Mappin
                 maps = teacher(images.flip(-1) if o else images, generator=noise)
                 for stride, fmap in maps.items():
                     if stride not in arrays:
-                        arrays[stride] = np.lib.format.open_memmap(
-                            staging / f"stride_{stride}.npy", mode="w+", dtype=np.float16,
-                            shape=(n, k_total, orientations, *fmap.shape[1:]))
+                        arrays[stride] = reserved_memmap(staging / f"stride_{stride}.npy",
+                                                         (n, k_total, orientations, *fmap.shape[1:]))
                     arrays[stride][indices, k, o] = fmap.to(torch.float16).cpu().numpy()
                 bar.update(len(indices))
     bar.close()
     if not arrays:
-        shutil.rmtree(staging, ignore_errors=True)
         raise ValueError(f"no readable image among the {n} to cache")
     for array in arrays.values():
         array.flush()
     del arrays
     (staging / KEY_FILENAME).write_text(json.dumps(dict(key), indent=2) + "\n")
-    staging.replace(folder)
+    replace_dir(staging, folder)  # synced to the disk first: a crash never leaves a cache with empty files
     logger.info("teacher-feature cache written to %s (%d images x %d encodings x %d orientations, %.2f GB)", folder,
                 n, k_total, orientations, sum(p.stat().st_size for p in folder.glob("*.npy")) / 1e9)
     return FeatureCache(folder, key)

@@ -1,8 +1,8 @@
 """Command-line entry points end a user error in one line, as argparse does: `prog: error: message`, exit status 2.
 
 A user error is what the code raises about its input (a bad recipe name or value, a missing teacher or data folder,
-a folder it will not overwrite, a non-finite loss). Anything else is a bug and keeps its traceback. Set
-DREAMTEACHER_TRACEBACK=1 to see the traceback of a user error too.
+a folder it will not overwrite, a non-finite loss) or its surroundings (a full disk). Anything else is a bug and
+keeps its traceback. Set DREAMTEACHER_TRACEBACK=1 to see the traceback of a user error too.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dreamteacher_models.recipes import UnknownRecipeError
+from training.run.disk_full import DiskFullError
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, UnknownRecipeError, FloatingPointError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, UnknownRecipeError, FloatingPointError, DiskFullError)
 
 
 def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace, *, at_least_1: Sequence[str] = (),

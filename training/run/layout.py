@@ -8,6 +8,7 @@ Shared by both trainers (`pretrain.py`, `train_teacher.py`), export (`hub/export
     <run>/checkpoints/step_N/         `accelerator.save_state` + run.json (what a resume must match)
     <run>/checkpoints/.tmp_step_N/    a save in progress: renamed to step_N only when complete
     <run>/checkpoints/.deleting_step_N/  a rotated-out checkpoint being deleted
+    <run>/checkpoints/.step_N.old/    a step_N being replaced by a new save of the same step (put back if killed)
 
 Nothing half-written ever takes a final name: checkpoints are saved under a temporary name and renamed when
 complete (the older ones are rotated out only after that), and files are replaced with an atomic rename.
@@ -27,6 +28,7 @@ from typing import Any
 
 from dreamteacher_models._timm_registry import WEIGHTS_FILENAME
 from dreamteacher_models.recipes import Recipe, recipe_from_dict
+from training.run.disk_full import reporting_full_disk
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +136,26 @@ def fsync_tree(folder: Path) -> None:
         fsync_path(sub)
 
 
+def moved_aside(target: Path) -> Path:
+    """Where `replace_dir` keeps the folder it replaces until the new one has taken its name."""
+    return target.with_name(f".{target.name}.old")
+
+
+def restore_moved_aside(target: Path) -> None:
+    """Put back a folder that a killed `replace_dir` had moved aside before its replacement took the name."""
+    old = moved_aside(target)
+    if old.is_dir() and not target.exists():
+        old.rename(target)
+        logger.warning("restored %s: a killed writer had moved it aside to replace it", target)
+
+
 def replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing an existing folder with no moment where neither is complete; `new` is
-    synced to the disk before the rename and the rename itself after it."""
+    """Move `new` to `target`, replacing an existing folder; `new` is synced to the disk before the rename and the
+    rename itself after it. Between the two renames the old folder is at `moved_aside(target)`: a kill there is
+    undone by the next `replace_dir` of the same target or `remove_leftovers` (`restore_moved_aside`)."""
     fsync_tree(new)
-    old = target.with_name(f".{target.name}.old")
+    restore_moved_aside(target)
+    old = moved_aside(target)
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
@@ -189,8 +206,9 @@ def atomic_file(path: Path) -> Iterator[Path]:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        yield tmp
-        fsync_path(tmp)
+        with reporting_full_disk(path.parent, path.name):
+            yield tmp
+            fsync_path(tmp)
         tmp.replace(path)
         fsync_path(path.parent)
     finally:
@@ -227,10 +245,13 @@ def refuse_foreign_folder(folder: Path, own_names: set[str], what: str) -> None:
 
 
 def remove_leftovers(run_dir: Path) -> None:
-    """Delete what killed checkpoint saves and rotations left (partial .tmp_step_N, half-deleted .deleting_step_N);
-    the main process calls it when a run starts and before each save."""
+    """Undo what killed checkpoint saves and rotations left: a step_N moved aside to be replaced is put back, a
+    partial .tmp_step_N or half-deleted .deleting_step_N removed; the main process calls it when a run starts and
+    before each save."""
     folder = Path(run_dir) / CHECKPOINTS_DIR
-    for leftover in [*folder.glob(".tmp_step_*"), *folder.glob(".deleting_step_*")]:
+    for old in folder.glob(".step_*.old"):
+        restore_moved_aside(folder / old.name[1:-len(".old")])
+    for leftover in [*folder.glob(".tmp_step_*"), *folder.glob(".deleting_step_*"), *folder.glob(".step_*.old")]:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -243,10 +264,17 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, facts: Map
     if accelerator.is_main_process:
         remove_leftovers(run_dir)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
+    try:
+        with reporting_full_disk(staging.parent, f"checkpoint step_{step}"):
+            accelerator.save_state(str(staging))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                (staging / RUN_FACTS_FILENAME).write_text(json.dumps(dict(facts), indent=2, sort_keys=True) + "\n")
+    except Exception:
+        if accelerator.is_main_process:  # the space a failed save took goes back at once
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        (staging / RUN_FACTS_FILENAME).write_text(json.dumps(dict(facts), indent=2, sort_keys=True) + "\n")
         replace_dir(staging, final)  # an existing step_N stays complete until the new one takes its name
         for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
             trash = old.with_name(f".deleting_{old.name}")  # renamed first: never a half-deleted step_N
@@ -406,8 +434,9 @@ def _release(path: Path, me: dict) -> None:
 
 
 def append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
-    """One JSON line per logged step, written whole and flushed (main process only)."""
-    with open(run_dir / METRICS_FILENAME, "a") as f:
+    """One JSON line per logged step, written whole and flushed (main process only); a line torn by a kill or a full
+    disk is dropped on resume (`cut_metrics_to_step`)."""
+    with reporting_full_disk(run_dir, METRICS_FILENAME), open(run_dir / METRICS_FILENAME, "a") as f:
         f.write(json.dumps(dict(row)) + "\n")
         f.flush()
 

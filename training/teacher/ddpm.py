@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.run.disk_full import reporting_full_disk
 from training.run.layout import (
     atomic_file,
     fresh_staging_dir,
@@ -137,10 +138,15 @@ def export_teacher(unet, ema, noise_scheduler, export_dir: Path, fp16: bool, gri
     if fp16:
         model = model.to(torch.float16)
     tmp = fresh_staging_dir(export_dir)
-    DDPMPipeline(unet=model, scheduler=noise_scheduler).save_pretrained(tmp, safe_serialization=True)
-    if grid is not None and grid.is_file():
-        shutil.copyfile(grid, tmp / "samples.png")
-    (tmp / "README.md").write_text(readme)
+    try:
+        with reporting_full_disk(tmp.parent, "the teacher export"):
+            DDPMPipeline(unet=model, scheduler=noise_scheduler).save_pretrained(tmp, safe_serialization=True)
+            if grid is not None and grid.is_file():
+                shutil.copyfile(grid, tmp / "samples.png")
+            (tmp / "README.md").write_text(readme)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     give_files_umask_modes(tmp)
     replace_dir(tmp, export_dir)
     return export_dir
