@@ -1,28 +1,40 @@
-"""Kill -9 both trainers at random moments, resume each time, and check that nothing was lost.
+"""Kill -9 every trainer at random moments (or fill the disk under it), resume each time, check that nothing was lost.
 
-    python benchmarks/tools/fault_injection.py                    # both trainers, every kill site, 2 random points each
+    python benchmarks/tools/fault_injection.py                    # every trainer and kill site, 2 random points each
     python benchmarks/tools/fault_injection.py --trainer pretrain --points 3 --seed 1
+    python benchmarks/tools/fault_injection.py --full-disk        # also fill a small tmpfs at every writer (root)
 
 Each trainer runs on a tiny fixture (tests/tiny.py: a random 4-level UNet teacher, 32 generated Fashion-MNIST-like
-images, 6 steps, a checkpoint every step, 2 kept) once straight through, then again as a chain of runs in one
-folder, each started with `--resume latest` and each SIGKILLed (the signal a job scheduler or the OOM killer sends:
-no cleanup runs) at a random call of one kill site (a new chain starts when one has no step left to kill in):
+images, 6 steps, a checkpoint every step) once straight through, then again as a chain of runs in one folder, each
+started with `--resume latest` (plainly, as a fresh start, while the folder holds no checkpoint) and each SIGKILLed
+(the signal a job scheduler or the OOM killer sends: no cleanup runs) at a random call of one kill site (a new chain
+starts when one has no step left to kill in). The trainers: `pretrain` (distillation), `teacher` (train_teacher.py),
+`interpreter` (train_interpreter.py, the dense task, one checkpoint kept) and `pretrain-cache` (distillation with
+a teacher-feature cache, killed while building it). The sites:
 
 * training step     inside the loss of a random micro-batch
 * checkpoint write  inside `accelerator.save_state`, after the model and optimizer files, before the rest
-* checkpoint rename inside the rename of a finished checkpoint to step_N, between moving the old one aside and
-                    putting the new one in place
+* checkpoint rename between a finished checkpoint's save and its rename to step_N
+* moved aside       inside the real `replace_dir`, after the existing folder (step_N re-saved by a resume of a finished
+                    run, or the export) was moved aside and before the new one took its name
 * rotation          while deleting a rotated-out checkpoint (one of its files gone)
 * metrics line      half-way through writing a line of metrics.jsonl
+* early kill        on a new chain, at the first metrics line (or step) before any checkpoint; restarted fresh
 * export            while writing the exported weights
+* cache build       while the feature cache is being encoded
 
 A last resume runs each chain to the end. Checked: every killed run died from the signal (exit -9) or finished before
 reaching the site, every resume completed, the final weights equal the straight run's bit for bit, and files lost
-is 0 (a user's file in the run folder, every step's metrics line once, complete checkpoints, a complete export, no
-temporary folder left). Prints one table row per trainer, then the bad inputs tried (unknown recipe, mistyped --set
-values, missing teacher or data, unreadable or too few images, folders holding a user's files, ...) and the
-one-line error each got. `tests/test_fault_injection.py` runs the same harness
-with fewer points; in a child process (`--child`), this module installs the kill and runs the trainer.
+is 0 (a user's file in the run folder, every step's metrics line once, complete checkpoints, a complete export whose
+SHA256SUMS match every file, weights included, no temporary folder left).
+
+With `--full-disk` (root, to mount a tmpfs), each writer (checkpoint, metrics line, export, cache) instead finds the
+disk full: the chain's folder is on a small tmpfs that the child fills up right before the writer runs. Checked: the
+run stops with the one-line "the disk is full" error, and after the filler is removed the resumed chain ends bit-exact
+with nothing lost. Prints a table per trainer and per site, then the bad inputs tried (unknown recipe, mistyped --set
+values, missing or corrupt teacher, unreadable or too few images, folders holding a user's files, ...) and the
+one-line error each got. `tests/test_fault_injection.py` runs the same harness with fewer points; in a child process
+(`--child`), this module installs the kill and runs the trainer.
 """
 
 from __future__ import annotations
@@ -34,23 +46,56 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]  # benchmarks/<kind>/ -> the repository root
-TRAINERS = ("pretrain", "teacher")
-SITES = ("training step", "checkpoint write", "checkpoint rename", "rotation", "metrics line", "export")
+SITES = ("training step", "checkpoint write", "checkpoint rename", "moved aside", "rotation", "metrics line",
+         "early kill", "export", "cache build")
+TRAINER_SITES = {
+    "pretrain": SITES[:-1],
+    "teacher": SITES[:-1],
+    "interpreter": ("training step", "checkpoint write", "checkpoint rename", "rotation", "early kill", "export"),
+    "pretrain-cache": ("cache build",),
+    "pretrain-2proc": ("training step", "checkpoint write", "checkpoint rename", "rotation", "metrics line", "export"),
+}
+TRAINERS = tuple(TRAINER_SITES)
+FULL_DISK_SITES = {"pretrain": ("checkpoint write", "metrics line", "export"),
+                   "teacher": ("checkpoint write", "metrics line", "export"),
+                   "interpreter": ("checkpoint write", "export"),
+                   "pretrain-cache": ("cache build",), "pretrain-2proc": ()}
+END_OF_RUN_SITES = ("export", "moved aside")  # they land only where a run ends
 STEPS = 6
 USER_FILE = "notes.txt"
+FILL_ENV = "FAULT_INJECTION_FILL"  # the child fills the disk through this file instead of dying
+TMPFS_SIZE = "1g"
 
 
 def die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+    filler = os.environ.get(FILL_ENV)
+    if filler:
+        fill_disk(Path(filler))
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fill_disk(filler: Path) -> None:
+    """Write zeros to `filler` until the file system is full: the writer that runs next finds no space."""
+    chunk = b"\0" * (1 << 20)
+    with open(filler, "ab", buffering=0) as f:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    f.write(chunk[:size])
+            except OSError:
+                continue
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -83,8 +128,12 @@ def install_kill(trainer: str, site: str, at: int) -> None:
 
         setattr(owner, name, wrapper)
 
-    if site == "training step":
-        if trainer == "pretrain":
+    if site == "training step" or (site == "early kill" and trainer == "interpreter"):
+        if trainer == "interpreter":
+            import training.train_interpreter as module
+
+            wrap(module, "interpreter_loss")
+        elif trainer == "pretrain":
             import training.pretrain as module
 
             wrap(module, "distillation_loss")
@@ -99,14 +148,20 @@ def install_kill(trainer: str, site: str, at: int) -> None:
 
         def replace_dir(new, target):
             if Path(target).parent.name == layout.CHECKPOINTS_DIR and due():
-                if target.exists():  # the old step_N moved aside, the new one not yet in place
-                    old = target.with_name(f".{target.name}.old")
-                    shutil.rmtree(old, ignore_errors=True)
-                    target.rename(old)
                 die()
             return real_replace(new, target)
 
         layout.replace_dir = replace_dir
+    elif site == "moved aside":
+        real_rename = Path.rename
+
+        def rename(self, target):
+            moved = real_rename(self, target)
+            if Path(target) == layout.moved_aside(self) and due():  # the old folder aside, the new not in place
+                die()
+            return moved
+
+        Path.rename = rename
     elif site == "rotation":
         real_rmtree = shutil.rmtree
 
@@ -118,7 +173,7 @@ def install_kill(trainer: str, site: str, at: int) -> None:
             return real_rmtree(path, *args, **kwargs)
 
         layout.shutil.rmtree = rmtree
-    elif site == "metrics line":
+    elif site in ("metrics line", "early kill"):
         def half_line(run_dir, row):
             with open(Path(run_dir) / layout.METRICS_FILENAME, "a") as f:
                 f.write(json.dumps(dict(row))[:15])
@@ -129,7 +184,14 @@ def install_kill(trainer: str, site: str, at: int) -> None:
 
         wrap(pretrain_module if trainer == "pretrain" else teacher_module, "append_metrics", before=half_line)
     elif site == "export":
-        if trainer == "pretrain":
+        if trainer == "interpreter":
+            import safetensors.torch
+
+            def half_file(tensors, path, *args, **kwargs):
+                Path(path).write_bytes(b"\0" * 100)
+
+            wrap(safetensors.torch, "save_file", before=half_file)
+        elif trainer.startswith("pretrain"):
             import timm.models
 
             def half_weights(model, folder, **kwargs):
@@ -140,6 +202,10 @@ def install_kill(trainer: str, site: str, at: int) -> None:
             import diffusers
 
             wrap(diffusers.DDPMPipeline, "save_pretrained")
+    elif site == "cache build":
+        import training.distill.feature_cache as cache
+
+        wrap(cache, "encoding_generator")
     else:
         raise ValueError(f"unknown kill site {site!r}; known: {', '.join(SITES)}")
 
@@ -148,14 +214,15 @@ def child_main(argv: list[str]) -> None:
     trainer, site, at, *trainer_argv = argv
     if site != "none":
         install_kill(trainer, site, int(at))
-    if trainer == "pretrain":
-        from training import pretrain
-
-        pretrain.main(trainer_argv)
+    if trainer.startswith("pretrain"):
+        from training import pretrain as module
+    elif trainer == "interpreter":
+        from training import train_interpreter as module
     else:
-        from training import train_teacher
+        from training import train_teacher as module
+    from training.run.cli import run
 
-        train_teacher.main(trainer_argv)
+    run(lambda: module.main(trainer_argv), prog=f"{trainer} (fault injection)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,11 +230,16 @@ def child_main(argv: list[str]) -> None:
 
 
 def trainer_argv(trainer: str, run: Path, teacher: Path, data: Path) -> list[str]:
-    if trainer == "pretrain":
+    if trainer.startswith("pretrain"):
+        cache = ["--feature-cache", str(run / "cache"), "--cache-encodings", "1"] if trainer == "pretrain-cache" else []
         return ["--teacher", str(teacher), "--data-dir", str(data), "--output-dir", str(run), "--threads", "1",
                 "--batch-size", "8", "--per-device-batch-size", "4", "--num-workers", "0", "--max-steps", str(STEPS),
                 "--checkpoint-every", "1", "--keep-checkpoints", "2", "--log-every", "1", "--feature-images", "0",
-                "--set", "regressor_width=16"]
+                "--set", "regressor_width=16", *cache]
+    if trainer == "interpreter":  # 4 labelled images, a batch of 4: one step per epoch, a checkpoint per epoch
+        return ["--teacher", str(teacher), "--data-dir", str(data), "--output-dir", str(run), "--threads", "1",
+                "--task", "fmnist-masks", "--labels", "4", "--batch-size", "4", "--epochs", str(STEPS),
+                "--width", "32", "--max-val", "8", "--validate-every", "3"]
     return ["--data-dir", str(data), "--output-dir", str(run), "--threads", "1", "--max-steps", str(STEPS),
             "--checkpoint-every", "1", "--keep-checkpoints", "2", "--log-every", "1",
             "--block-out-channels", "8,8,16,16", "--norm-num-groups", "4", "--batch-size", "24",
@@ -175,17 +247,28 @@ def trainer_argv(trainer: str, run: Path, teacher: Path, data: Path) -> list[str
             "--sample-steps", "2", "--sample-every", "1000"]
 
 
-def run_child(trainer: str, site: str, at: int, argv: list[str]) -> subprocess.CompletedProcess:
+def run_child(trainer: str, site: str, at: int, argv: list[str], filler: Path | None = None
+              ) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "benchmarks.tools.fault_injection", "--child", trainer, site, str(at),
+    env.pop(FILL_ENV, None)
+    if filler is not None:
+        env[FILL_ENV] = str(filler)
+    launcher = [sys.executable]
+    if trainer == "pretrain-2proc":  # two CPU processes (gloo), as `accelerate launch` starts them
+        env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+        launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                     "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return subprocess.run([*launcher, "-m", "benchmarks.tools.fault_injection", "--child", trainer, site, str(at),
                            *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def final_weights(trainer: str, run: Path) -> dict:
     import safetensors.torch
 
-    if trainer == "pretrain":
+    if trainer.startswith("pretrain"):
         return safetensors.torch.load_file(run / "export" / "model.safetensors")
+    if trainer == "interpreter":
+        return safetensors.torch.load_file(run / "interpreter.safetensors")
     return safetensors.torch.load_file(run / "export" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
@@ -196,30 +279,39 @@ def lost_files(trainer: str, run: Path) -> list[str]:
     lost = []
     if not (run / USER_FILE).is_file():
         lost.append(USER_FILE)
-    rows = []
-    for line in (run / METRICS_FILENAME).read_text().splitlines():
-        try:
-            rows.append(json.loads(line)["step"])
-        except json.JSONDecodeError:
-            lost.append(f"{METRICS_FILENAME}: torn line {line[:30]!r}")
-    if rows != list(range(1, STEPS + 1)):
-        lost.append(f"{METRICS_FILENAME}: steps {rows}")
+    if trainer != "interpreter":
+        rows = []
+        for line in (run / METRICS_FILENAME).read_text().splitlines():
+            try:
+                rows.append(json.loads(line)["step"])
+            except json.JSONDecodeError:
+                lost.append(f"{METRICS_FILENAME}: torn line {line[:30]!r}")
+        if rows != list(range(1, STEPS + 1)):
+            lost.append(f"{METRICS_FILENAME}: steps {rows}")
     checkpoints = checkpoint_dirs(run)
     if not checkpoints or checkpoints[-1].name != f"step_{STEPS}":
         lost.append(f"checkpoint step_{STEPS}")
     for ckpt in checkpoints:
         if not {"model.safetensors", "run.json"} <= {p.name for p in ckpt.iterdir()}:
             lost.append(f"incomplete {ckpt.name}")
-    leftovers = [p.name for p in run.rglob(".*") if p.name.startswith((".tmp", ".step", ".export", ".deleting"))]
+    leftovers = [p.name for p in run.rglob(".*")
+                 if p.name.startswith((".tmp", ".step", ".export", ".deleting")) or ".partial-" in p.name]
     lost += [f"leftover {name}" for name in leftovers]
-    export = run / "export"
-    if trainer == "pretrain":
-        from training.run.checksums import sha256_file
+    if trainer.startswith("pretrain"):
+        from training.run.checksums import read_checksums, sha256_file
 
-        sums = (export / "SHA256SUMS").read_text().split()
-        if sums[0] != sha256_file(export / sums[1]):
-            lost.append("export: checksum mismatch")
-    elif not (export / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+        export = run / "export"
+        sums = read_checksums(export)
+        if "model.safetensors" not in sums:
+            lost.append("export: SHA256SUMS lists no weights")
+        lost += [f"export: {name} does not match SHA256SUMS" for name, digest in sums.items()
+                 if sha256_file(export / name) != digest]
+        if trainer == "pretrain-cache" and not (run / "cache" / "cache.json").is_file():
+            lost.append("feature cache: not complete")
+    elif trainer == "interpreter":
+        if not (run / "interpreter.json").is_file():
+            lost.append("interpreter.json")
+    elif not (run / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file():
         lost.append("export: no weights")
     return lost
 
@@ -227,20 +319,22 @@ def lost_files(trainer: str, run: Path) -> list[str]:
 @dataclass
 class Report:
     trainer: str
+    mode: str = "kill"  # or "full disk"
     kills_tried: int = 0
     kills_landed: int = 0
     resumes_completed: int = 0
     weights_equal: bool = False
     lost: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    sites: dict[str, list[int]] = field(default_factory=dict)  # site: [tried, landed]
 
 
 def kill_plan(sites: list[str], points: int, rng: random.Random) -> list[str]:
-    """The sites to kill at, `points` times each, in a seeded random order; export kills last (an export only
-    happens at the end of a run, after which the other sites have little left to hit)."""
-    plan = [site for site in sites if site != "export" for _ in range(points)]
+    """The sites to kill at, `points` times each, in a seeded random order; the end-of-run sites last (an export
+    only happens at the end of a run, after which the other sites have little left to hit)."""
+    plan = [site for site in sites if site not in END_OF_RUN_SITES for _ in range(points)]
     rng.shuffle(plan)
-    return plan + ["export"] * (points if "export" in sites else 0)
+    return plan + [site for site in END_OF_RUN_SITES if site in sites for _ in range(points)]
 
 
 def steps_left(run: Path) -> int:
@@ -250,60 +344,118 @@ def steps_left(run: Path) -> int:
     return STEPS - (int(latest.name[5:]) if latest else 0)
 
 
-def run_trainer(trainer: str, sites: list[str], points: int, seed: int, work: Path) -> Report:
+def resume_argv(argv: list[str], run: Path) -> list[str]:
+    """As a user restarts a killed job: `--resume latest` once the folder holds a checkpoint, plainly before."""
+    from training.run.layout import latest_checkpoint
+
+    return [*argv, "--resume", "latest"] if latest_checkpoint(run) else argv
+
+
+def landed(result: subprocess.CompletedProcess, full_disk: bool) -> bool:
+    if full_disk:
+        return result.returncode == 2 and "the disk is full" in result.stderr
+    if result.returncode and "Signal 9 (SIGKILL)" in result.stderr:  # a rank killed: the launcher stops the others
+        return True
+    return result.returncode == -signal.SIGKILL
+
+
+def finished(trainer: str, run: Path) -> bool:
+    done = run / ("interpreter.json" if trainer == "interpreter" else "export")
+    return steps_left(run) == 0 and done.exists()
+
+
+def run_trainer(trainer: str, sites: list[str], points: int, seed: int, work: Path, chains_dir: Path | None = None,
+                full_disk: bool = False) -> Report:
     """The straight run, then chains of killed-and-resumed runs: a chain's folder is resumed after every kill;
-    a new chain starts when the current one has finished training and the next kill needs steps left."""
+    a new chain starts when the current one has finished training and the next kill needs steps left (or, for an
+    early kill, any checkpoint). With `full_disk`, the chains live in `chains_dir` (a small file system) and each
+    "kill" fills it up instead; the filler is removed before the next run."""
     from tests.tiny import make_tiny_teacher, write_fashion_mnist
 
     teacher = make_tiny_teacher(work / "teacher")
     data = write_fashion_mnist(work / "data", n=32)
-    report = Report(trainer)
+    write_fashion_mnist(data, n=16, seed=1, split="test")  # the interpreter validates on it
+    report = Report(trainer, "full disk" if full_disk else "kill")
     straight = work / f"{trainer}_straight"
     done = run_child(trainer, "none", 0, trainer_argv(trainer, straight, teacher, data))
     if done.returncode:
         raise RuntimeError(f"the uninterrupted {trainer} run failed:\n{done.stderr[-3000:]}")
     reference = final_weights(trainer, straight)
+    chains_dir = chains_dir or work
+    filler = chains_dir / "filler" if full_disk else None
 
     chains: list[Path] = []
 
     def new_chain() -> Path:
-        run = work / f"{trainer}_killed_{len(chains)}"
+        run = chains_dir / f"{trainer}_killed_{len(chains)}"
         run.mkdir()
         (run / USER_FILE).write_text("a user's file: must survive everything")
         chains.append(run)
         return run
 
+    def run_to_end(run: Path) -> None:
+        result = run_child(trainer, "none", 0, resume_argv(trainer_argv(trainer, run, teacher, data), run))
+        if result.returncode:
+            raise RuntimeError(f"{trainer}: a resume of {run.name} failed:\n{result.stderr[-3000:]}")
+        report.resumes_completed += 1
+
     run = new_chain()
     rng = random.Random(seed)
     for site in kill_plan(sites, points, rng):
-        if site != "export" and steps_left(run) == 0:
+        if site == "early kill" and steps_left(run) < STEPS:
             run = new_chain()
-        # every site is called at least once per step left (export: once per run), so the kill always lands
-        at = rng.randint(1, max(1, steps_left(run))) if site != "export" else 1
+        elif site in END_OF_RUN_SITES and site != "export" and not finished(trainer, run):
+            run_to_end(run)  # "moved aside" needs a finished run to resume: its step_N or export is replaced
+            report.log.append(f"{run.name} run to its end first")
+        elif site not in END_OF_RUN_SITES and site != "cache build" and steps_left(run) == 0:
+            run = new_chain()
+        # every site is called at least once per step left (export, moved aside: once per run), so a kill lands
+        at = 1 if site in (*END_OF_RUN_SITES, "early kill") else rng.randint(1, max(1, steps_left(run)))
+        if site == "cache build":  # 32 images: one batch, encoded plain and flipped; the maps are made at the first
+            at = 1 if full_disk else rng.randint(1, 2)
         report.kills_tried += 1
-        argv = [*trainer_argv(trainer, run, teacher, data), "--resume", "latest"]
-        result = run_child(trainer, site, at, argv)
-        if result.returncode == -signal.SIGKILL:
+        tried = report.sites.setdefault(site, [0, 0])
+        tried[0] += 1
+        result = run_child(trainer, site, at, resume_argv(trainer_argv(trainer, run, teacher, data), run), filler)
+        if filler is not None:
+            filler.unlink(missing_ok=True)
+        if landed(result, full_disk):
             report.kills_landed += 1
-            report.log.append(f"killed at {site} #{at}")
+            tried[1] += 1
+            report.log.append(f"{'disk full' if full_disk else 'killed'} at {site} #{at}")
         elif result.returncode == 0:
             report.resumes_completed += 1
             report.log.append(f"{site} #{at} not reached: the run completed")
         else:
-            raise RuntimeError(f"{trainer}: a resume after the kills so far failed (exit {result.returncode}) "
+            raise RuntimeError(f"{trainer}: a run after the kills so far failed (exit {result.returncode}) "
                                f"at {site} #{at}:\n{result.stderr[-3000:]}")
+        if full_disk and landed(result, full_disk):
+            error = next(line for line in reversed(result.stderr.splitlines()) if "the disk is full" in line)
+            report.log.append(f"the error: {error[:200]}")
     report.weights_equal = True
     for run in chains:
-        result = run_child(trainer, "none", 0, [*trainer_argv(trainer, run, teacher, data), "--resume", "latest"])
-        if result.returncode:
-            raise RuntimeError(f"{trainer}: the final resume of {run.name} failed:\n{result.stderr[-3000:]}")
-        report.resumes_completed += 1
+        run_to_end(run)
         weights = final_weights(trainer, run)
         report.weights_equal &= weights.keys() == reference.keys() and all(
             bool((weights[k] == reference[k]).all()) for k in reference)
         report.lost += [f"{run.name}: {item}" for item in lost_files(trainer, run)]
     report.log.append(f"{len(chains)} chain(s) of resumed runs")
     return report
+
+
+@contextlib.contextmanager
+def small_file_system(folder: Path) -> Iterator[str | None]:
+    """Mount a `TMPFS_SIZE` tmpfs at `folder` for the full-disk runs; yields None, or why it could not."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        yield f"cannot mount a tmpfs ({mounted.stderr.strip() or mounted.returncode}): run as root"
+        return
+    try:
+        yield None
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
 
 
 def bad_inputs(work: Path) -> list[tuple[str, str]]:
@@ -367,11 +519,18 @@ def bad_inputs(work: Path) -> list[tuple[str, str]]:
 
 
 def format_table(reports: list[Report]) -> str:
-    lines = ["| trainer | kills tried | kills landed | resumes completed | final weights equal | files lost |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| trainer | fault | kills tried | kills landed | resumes completed | final weights equal | files lost |",
+             "|---|---|---|---|---|---|---|"]
     for r in reports:
-        lines.append(f"| {r.trainer} | {r.kills_tried} | {r.kills_landed} | {r.resumes_completed} | "
+        lines.append(f"| {r.trainer} | {r.mode} | {r.kills_tried} | {r.kills_landed} | {r.resumes_completed} | "
                      f"{'yes' if r.weights_equal else 'no'} | {len(r.lost)} |")
+    return "\n".join(lines)
+
+
+def format_sites(reports: list[Report]) -> str:
+    lines = ["| trainer | fault | site | tried | landed |", "|---|---|---|---|---|"]
+    for r in reports:
+        lines += [f"| {r.trainer} | {r.mode} | {site} | {tried} | {hit} |" for site, (tried, hit) in r.sites.items()]
     return "\n".join(lines)
 
 
@@ -381,25 +540,39 @@ def main(argv: list[str] | None = None) -> list[Report]:
         child_main(argv[1:])
         return []
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trainer", choices=[*TRAINERS, "both"], default="both")
-    p.add_argument("--sites", default=",".join(SITES), help=f"comma-separated subset of: {', '.join(SITES)}")
+    p.add_argument("--trainer", choices=[*TRAINERS, "all"], default="all")
+    p.add_argument("--sites", help=f"comma-separated subset of: {', '.join(SITES)} (default: each trainer's all)")
     p.add_argument("--points", type=int, default=2, help="random kill points per site (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--full-disk", action="store_true", help="also fill a small tmpfs at every writer (needs root)")
     p.add_argument("--no-bad-inputs", action="store_true", help="skip the bad-input table")
     args = p.parse_args(argv)
-    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
-    bad = [s for s in sites if s not in SITES]
+    wanted = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else list(SITES)
+    bad = [s for s in wanted if s not in SITES]
     if bad:
         p.error(f"unknown kill site(s) {bad}; known: {', '.join(SITES)}")
     reports = []
     with tempfile.TemporaryDirectory(prefix="fault-injection-") as tmp:
-        for trainer in TRAINERS if args.trainer == "both" else (args.trainer,):
-            work = Path(tmp) / trainer
-            work.mkdir()
-            reports.append(run_trainer(trainer, sites, args.points, args.seed, work))
+        for trainer in TRAINERS if args.trainer == "all" else (args.trainer,):
+            sites = [s for s in TRAINER_SITES[trainer] if s in wanted]
+            if sites and args.points:
+                work = Path(tmp) / trainer
+                work.mkdir()
+                reports.append(run_trainer(trainer, sites, args.points, args.seed, work))
+            disk_sites = [s for s in FULL_DISK_SITES[trainer] if s in wanted]
+            if args.full_disk and disk_sites:
+                work = Path(tmp) / f"{trainer}_full_disk"
+                work.mkdir()
+                with small_file_system(work / "small_fs") as why_not:
+                    if why_not:
+                        print(f"full disk skipped: {why_not}")
+                    else:
+                        reports.append(run_trainer(trainer, disk_sites, 1, args.seed, work,
+                                                   chains_dir=work / "small_fs", full_disk=True))
         print(format_table(reports))
+        print("\n" + format_sites(reports))
         for r in reports:
-            print(f"\n{r.trainer}: " + "; ".join(r.log))
+            print(f"\n{r.trainer} ({r.mode}): " + "; ".join(r.log))
             if r.lost:
                 print(f"{r.trainer} lost: " + "; ".join(r.lost))
         if not args.no_bad_inputs:
