@@ -47,9 +47,11 @@ if __package__ in (None, ""):
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -103,9 +105,8 @@ def fill_disk(filler: Path) -> None:
 
 
 def install_kill(trainer: str, site: str, at: int) -> None:
-    """Make the `at`-th call of `site` SIGKILL this process (after doing part of its work, for the torn sites)."""
-    import shutil
-
+    """Make the `at`-th call of `site` SIGKILL this process (after doing part of its work, for the torn sites), or,
+    with FILL_ENV set, fill the disk right before it runs."""
     import accelerate.accelerator
 
     import training.run.layout as layout
@@ -464,7 +465,7 @@ def bad_inputs(work: Path) -> list[tuple[str, str]]:
     from hub.export import main as export_main
     from hub.publish import publish
     from tests.tiny import make_tiny_teacher, write_fashion_mnist, write_image_folder
-    from training import pretrain, train_teacher
+    from training import pretrain, train_interpreter, train_teacher
     from training.run.cli import USER_ERRORS
 
     teacher = make_tiny_teacher(work / "teacher")
@@ -481,6 +482,10 @@ def bad_inputs(work: Path) -> list[tuple[str, str]]:
     users = work / "users_folder"
     users.mkdir()
     (users / "notes.txt").write_text("mine")
+    corrupt_teacher = work / "corrupt_teacher"
+    shutil.copytree(teacher, corrupt_teacher)
+    for weights in corrupt_teacher.rglob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:200])  # cut short, as an interrupted download leaves it
     base = ["--teacher", str(teacher), "--data-dir", str(data), "--threads", "1", "--num-workers", "0",
             "--batch-size", "8", "--feature-images", "0", "--no-export", "--max-steps", "1"]
     cases = [
@@ -495,6 +500,15 @@ def bad_inputs(work: Path) -> list[tuple[str, str]]:
         ("pretrain: fewer images than a micro-batch", pretrain.main, [*base, "--limit-images", "3"]),
         ("pretrain: micro-batch not dividing the batch", pretrain.main, [*base, "--per-device-batch-size", "3"]),
         ("pretrain: --resume a folder that is no checkpoint", pretrain.main, [*base, "--resume", str(empty)]),
+        ("pretrain: --log-every 0", pretrain.main, [*base, "--log-every", "0"]),
+        ("pretrain: --lr 0", pretrain.main, [*base, "--lr", "0"]),
+        ("pretrain: --max-steps -5", pretrain.main, [*base, "--max-steps", "-5"]),
+        ("pretrain: a teacher whose weights file is cut short", pretrain.main,
+         [*base, "--teacher", str(corrupt_teacher)]),
+        ("pretrain: an image size the teacher cannot divide", pretrain.main,
+         [*base, "--set", "data.input_size=(3,30,30)"]),
+        ("interpreter: --resume a folder that is no checkpoint", train_interpreter.main,
+         ["--teacher", str(teacher), "--data-dir", str(data), "--resume", str(empty)]),
         ("teacher: --resolution not divisible by the UNet's downsampling", train_teacher.main,
          ["--data-dir", str(data), "--resolution", "30"]),
         ("teacher: --export-dir holding a user's file", train_teacher.main,
@@ -502,17 +516,22 @@ def bad_inputs(work: Path) -> list[tuple[str, str]]:
         ("export: --out holding a user's file", export_main,
          ["--checkpoint", str(student), "--recipe", "resnet18.dreamteacher_fmnist",
           "--out", str(users)]),
+        ("export: --out . (the current folder)", export_main,
+         ["--checkpoint", str(student), "--recipe", "resnet18.dreamteacher_fmnist", "--out", "."]),
         ("publish: a folder that is no export", lambda argv: publish(*argv), [str(users)]),
     ]
     results = []
     for what, main, argv in cases:
+        stderr = io.StringIO()
         try:
-            main(argv)
+            with contextlib.redirect_stderr(stderr):
+                main(argv)
             results.append((what, "ACCEPTED (no error)"))
         except USER_ERRORS as e:
             results.append((what, f"{type(e).__name__}: {str(e).splitlines()[0]}"))
         except SystemExit as e:  # argparse's own one-line errors
-            results.append((what, f"argparse error, exit status {e.code}"))
+            last = (stderr.getvalue().strip().splitlines() or [""])[-1]
+            results.append((what, f"exit status {e.code}: {last}"))
         except Exception as e:  # noqa: BLE001 - a bug: reported, not hidden
             results.append((what, f"NOT A USER ERROR {type(e).__name__}: {e}"))
     return results
