@@ -13,7 +13,7 @@ from benchmarks.tools import fault_injection
 @pytest.mark.slow
 @pytest.mark.parametrize("trainer, sites", [
     ("pretrain", ["rotation", "early kill", "moved aside"]),
-    ("teacher", ["checkpoint write"]),
+    ("teacher", ["checkpoint write", "training step"]),
     ("interpreter", ["export"]),
     ("pretrain-cache", ["cache build"]),
 ])

@@ -139,7 +139,7 @@ def install_kill(trainer: str, site: str, at: int) -> None:
 
             wrap(module, "distillation_loss")
         else:
-            import training.train_teacher as module
+            import training.teacher.ddpm as module  # the denoising loss: torch's mse_loss, once per micro-batch
 
             wrap(module.F, "mse_loss")
     elif site == "checkpoint write":
