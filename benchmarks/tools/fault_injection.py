@@ -134,7 +134,7 @@ def install_kill(trainer: str, site: str, at: int) -> None:
             import training.train_interpreter as module
 
             wrap(module, "interpreter_loss")
-        elif trainer == "pretrain":
+        elif trainer.startswith("pretrain"):
             import training.pretrain as module
 
             wrap(module, "distillation_loss")
@@ -183,7 +183,7 @@ def install_kill(trainer: str, site: str, at: int) -> None:
         import training.pretrain as pretrain_module
         import training.train_teacher as teacher_module
 
-        wrap(pretrain_module if trainer == "pretrain" else teacher_module, "append_metrics", before=half_line)
+        wrap(pretrain_module if trainer.startswith("pretrain") else teacher_module, "append_metrics", before=half_line)
     elif site == "export":
         if trainer == "interpreter":
             import safetensors.torch
@@ -202,7 +202,12 @@ def install_kill(trainer: str, site: str, at: int) -> None:
         else:
             import diffusers
 
-            wrap(diffusers.DDPMPipeline, "save_pretrained")
+            def half_pipeline(pipeline, folder, *args, **kwargs):  # the UNet's weights half written, then the kill
+                weights = Path(folder, "unet", "diffusion_pytorch_model.safetensors")
+                weights.parent.mkdir(parents=True, exist_ok=True)
+                weights.write_bytes(b"\0" * 100)
+
+            wrap(diffusers.DDPMPipeline, "save_pretrained", before=half_pipeline)
     elif site == "cache build":
         import training.distill.feature_cache as cache
 
