@@ -32,12 +32,15 @@ def test_each_writers_full_disk_error_is_told_as_a_full_disk(tmp_path, monkeypat
     assert caught.value.__cause__ is error
 
 
-def test_other_errors_pass_through_when_there_is_space(tmp_path, monkeypatch):
+def test_other_errors_pass_through(tmp_path, monkeypatch):
     monkeypatch.setattr(disk_full, "free_bytes", lambda folder: 10**9)
     with pytest.raises(RuntimeError, match="unexpected pos"), reporting_full_disk(tmp_path, "x"):
         raise TORCH_SAVE_ON_FULL_DISK
     with pytest.raises(KeyError), reporting_full_disk(tmp_path, "x"):
         raise KeyError("a bug")
+    monkeypatch.setattr(disk_full, "free_bytes", lambda folder: 0)
+    with pytest.raises(ValueError, match="no readable image"), reporting_full_disk(tmp_path, "x"):
+        raise ValueError("no readable image among the 3 to cache")  # not an I/O failure, even on a full disk
 
 
 def test_a_checkpoint_that_fills_the_disk_is_removed_and_the_previous_one_kept(tmp_path, monkeypatch):

@@ -41,6 +41,8 @@ def looks_like_full_disk(error: BaseException, folder: Path) -> bool:
         return True
     if any(word in str(error) for word in FULL_DISK_WORDS):
         return True
+    if not isinstance(error, (OSError, RuntimeError)):  # a writer's I/O failure, never a check on the input
+        return False
     free = free_bytes(folder)
     return free is not None and free < NEARLY_FULL_BYTES
 

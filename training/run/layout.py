@@ -1,6 +1,7 @@
 """A training run's folder: where checkpoints, the resolved recipe and metrics live, and how they are written.
 
-Shared by both trainers (`pretrain.py`, `train_teacher.py`), export (`hub/export.py`) and evaluation:
+Shared by the trainers (`pretrain.py`, `train_teacher.py`, `train_interpreter.py`), export (`hub/export.py`) and
+evaluation:
 
     <run>/recipe.json                 the resolved recipe (pretrain.py)
     <run>/args.json                   the command-line arguments
