@@ -6,7 +6,9 @@
     python training/evaluate.py --model resnet18.dreamteacher_fmnist                  # registered name (published)
     python training/evaluate.py --model hf-hub:dreamteacher/resnet18.dreamteacher_fmnist --protocols linear,knn
 
-Protocols (all on a labeled dataset: by default Fashion-MNIST train to fit, t10k to report top-1 in percent):
+Protocols (all on a labeled dataset: by default Fashion-MNIST train to fit, t10k to report top-1 in percent; with
+`--split validation`, a fixed class-balanced sixth of train is scored instead and the rest fits, so a choice made
+on the numbers never reads the test split):
 
 * ``linear``: global-average-pooled features of the frozen backbone (eval mode, no_grad, computed once for train and
   test), standardised with the train mean/std, then a multinomial logistic regression fitted full-batch with L-BFGS;
@@ -53,6 +55,7 @@ from training.protocols.evaluation import (
     parse_protocols,
     per_fraction,
 )
+from training.protocols.splits import SPLITS
 from training.run.layout import write_report
 
 
@@ -82,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", help="folder of labeled images (IDX files, or imagefolder with train/ and test/); "
                                       "default: the recipe's dataset (Fashion-MNIST: the Debian folder)")
+    d.add_argument("--split", choices=SPLITS, default="test",
+                   help="score on the test split (default: reporting) or on a validation carve of train (1/6, "
+                        "class-balanced, fixed; fitting uses the rest): for choosing settings without reading test")
     d.add_argument("--max-train", type=int, help="use a seeded random N of the train images (quick runs)")
     d.add_argument("--max-test", type=int, help="use a seeded random N of the test images (quick runs)")
     d.add_argument("--batch-size", type=int, default=256, help="feature extraction / test batch size (default 256)")
@@ -131,12 +137,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_workers=args.num_workers, k=args.k, temperature=args.temperature, probe_weight_decays=args.probe_wd,
         probe_max_iter=args.probe_iters, fractions=args.ft_fractions, ft_epochs=args.ft_epochs,
         ft_batch_size=args.ft_batch_size, ft_lr=args.ft_lr, ft_weight_decay=args.ft_weight_decay,
-        ft_warmup=args.ft_warmup, progress=not args.no_progress,
+        ft_warmup=args.ft_warmup, split=args.split, progress=not args.no_progress,
     )
     report = evaluate(args.model, config, random_init=args.random_init, checkpoint=args.checkpoint,
                       recipe=args.recipe)
     print(f"\n{report['model']} ({report['settings']['weights']}), {report['settings']['train_images']} train / "
-          f"{report['settings']['test_images']} test images, {report['machine']['threads']} threads, "
+          f"{report['settings']['test_images']} {args.split} images, {report['machine']['threads']} threads, "
           f"{report['seconds']['total']:.0f} s\n")
     print(format_table(report))
     if args.out:

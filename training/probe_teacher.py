@@ -7,8 +7,9 @@
 For each timestep t and each candidate tap (default: every decoder level, read before its upsampler) it prints
 one row with
 - linear-probe and kNN top-1 (percent) of the tap's globally average-pooled features on a fixed labelled subset
-  (the protocols of `training/evaluate.py`: standardised features + logistic regression, and weighted kNN, k=20);
-- the tap's noise fraction `1 - corr(LN f(x, eps1), LN f(x, eps2))`: the mean over test images of one minus the
+  (the protocols of `training/evaluate.py`: standardised features + logistic regression, and weighted kNN, k=20),
+  scored on the validation carve of train by default (`--split`; a choice made here never reads the test split);
+- the tap's noise fraction `1 - corr(LN f(x, eps1), LN f(x, eps2))`: the mean over the scored images of one minus the
   correlation of the layer-normed (over C, H, W) features from two independent noise draws. 0 means the tap sees
   only the image; 1 means it sees only the injected noise (e.g. the level next to the output, which predicts it).
 
@@ -34,6 +35,7 @@ import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -41,7 +43,8 @@ from tqdm.auto import tqdm  # noqa: E402
 from dreamteacher_models.recipes import DEFAULT_RECIPE, apply_overrides, get_recipe  # noqa: E402
 from training.distill.losses import layer_norm_features  # noqa: E402
 from training.protocols.classification import knn_classify, linear_probe  # noqa: E402
-from training.protocols.evaluation import dataset_labels, load_split, subsample  # noqa: E402
+from training.protocols.evaluation import load_scored_splits, subsample  # noqa: E402
+from training.protocols.splits import SPLITS  # noqa: E402
 from training.run.hardware import machine_info  # noqa: E402
 from training.run.layout import write_text_atomic  # noqa: E402
 from training.run.schedule import noise_seed  # noqa: E402
@@ -131,7 +134,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                              "upsampler; they must sit at distinct strides)")
     p.add_argument("--data-dir", help="labelled data: Fashion-MNIST IDX folder or an image folder of class folders")
     p.add_argument("--train-images", type=int, default=6000, help="labelled images to fit the probes on")
-    p.add_argument("--test-images", type=int, default=2000, help="labelled images to report top-1 on")
+    p.add_argument("--test-images", type=int, default=2000,
+                   help="labelled images of --split to score top-1 on (default 2000)")
+    p.add_argument("--split", choices=SPLITS, default="validation",
+                   help="score on the validation carve of train (default: this tool is for choosing) or on test")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
@@ -160,14 +166,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     timesteps = args.timesteps or sorted({10, 50, 150, recipe.teacher.timestep})
     transform = build_transform(recipe.data, train=False)
 
-    def loader(split: str, limit: int, seed: int):
-        hf = load_split(args.data_dir, split, recipe)
-        dataset_labels(hf, f"the {split!r} split")  # a clear error now when the data has no labels
-        subset = torch.utils.data.Subset(ImageDataset(hf, transform), subsample(len(hf), limit, seed).tolist())
+    splits = load_scored_splits(args.data_dir, args.split, recipe)
+
+    def loader(hf, pool: np.ndarray, limit: int, seed: int):
+        subset = torch.utils.data.Subset(ImageDataset(hf, transform), pool[subsample(len(pool), limit, seed)].tolist())
         return build_dataloader(subset, args.batch_size, shuffle=False, drop_last=False, num_workers=args.num_workers)
 
-    train_loader = loader("train", args.train_images, args.seed)
-    test_loader = loader("test", args.test_images, args.seed + 1)
+    train_loader = loader(splits.fit, splits.fit_pool, args.train_images, args.seed)
+    test_loader = loader(splits.score, splits.score_pool, args.test_images, args.seed + 1)
     source = args.teacher or recipe.teacher.source
     config = dataclasses.replace(recipe.teacher, source=source)
     teacher = build_teacher(config, recipe.data.mean, recipe.data.std, taps=tuple(args.taps or ()))

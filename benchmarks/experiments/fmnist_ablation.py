@@ -1,6 +1,7 @@
 """Recipe ablations at the main job's budget: which pairing, regressor, lr and loss weights the Fashion-MNIST recipe
 should use. Each variant trains `training/pretrain.py` for the same number of steps (the main job's, by default)
-and is scored by `training/evaluate.py` (linear probe, kNN, fine-tune with 1% and 10% of the labels).
+and is scored by `training/evaluate.py` (linear probe, kNN, fine-tune with 1% and 10% of the labels) on the
+validation carve of train by default (`--split validation`: a choice never reads the test split).
 
     python benchmarks/experiments/fmnist_ablation.py --variants pairs_c2c3,pairs_all4 --tag r1
     python benchmarks/experiments/fmnist_ablation.py --variant mine="--set loss.at_weight=3 --lr 1e-3"  # ad-hoc
@@ -26,6 +27,7 @@ import shlex  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 
+from training.protocols.splits import SPLITS  # noqa: E402
 from training.run.hardware import describe_machine  # noqa: E402
 from training.run.layout import write_text_atomic  # noqa: E402
 
@@ -56,7 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--tag", required=True, help="results file name")
     p.add_argument("--max-steps", type=int, help="steps per variant (default: the recipe's, i.e. the main job's)")
     p.add_argument("--max-train", type=int, default=20000, help="evaluation train subset (seeded)")
-    p.add_argument("--max-test", type=int, default=5000, help="evaluation test subset (seeded)")
+    p.add_argument("--max-test", type=int, default=5000, help="scored images: a seeded subset of --split")
+    p.add_argument("--split", choices=SPLITS, default="validation",
+                   help="score on the validation carve of train (default: an ablation chooses) or on test")
     p.add_argument("--teacher", help="teacher folder for every variant (default: the recipe's)")
     p.add_argument("--work-dir", default="runs/fmnist_ablation")
     p.add_argument("--out-dir", default="benchmarks/results/fmnist_ablation")
@@ -90,7 +94,11 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     out_json = Path(args.out_dir) / f"{args.tag}.json"
-    report = json.loads(out_json.read_text()) if out_json.is_file() else {"results": {}}
+    report = json.loads(out_json.read_text()) if out_json.is_file() else {"results": {}, "split": args.split}
+    report.setdefault("split", "test")  # files from before --split were scored on test
+    if report["split"] != args.split:
+        raise SystemExit(f"{out_json} was scored on the {report['split']} split, not {args.split}: "
+                         "use another --tag")
     for name, extra in args.chosen.items():
         if name in report["results"]:
             continue
@@ -103,13 +111,14 @@ def main(argv=None) -> dict:
         pretrain.main(argv_run)
         train_s = time.perf_counter() - started
         ev = evaluate.main(["--model", f"local-dir:{run / 'export'}", "--max-train", str(args.max_train),
-                            "--max-test", str(args.max_test), "--out", str(run / "eval.json")])
+                            "--max-test", str(args.max_test), "--split", args.split, "--out", str(run / "eval.json")])
         scores = {k: v["top1"] for k, v in ev["results"].items()}
         report["results"][name] = {"args": argv_run, "scores": scores, "train_seconds": train_s}
         report["machine"] = describe_machine()
         out_json.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")
-        write_text_atomic(out_json.with_suffix(".md"), f"{table(report['results'])}\n\n{report['machine']}\n")
+        write_text_atomic(out_json.with_suffix(".md"), f"Top-1 on the {args.split} split ({args.max_test} images)."
+                          f"\n\n{table(report['results'])}\n\n{report['machine']}\n")
         print(table(report["results"]), flush=True)
     return report
 

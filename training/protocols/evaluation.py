@@ -27,6 +27,7 @@ from training.protocols.classification import (
     knn_classify,
     linear_probe,
 )
+from training.protocols.splits import carve_validation_split, check_split
 from training.run.backbones import load_backbone, recipe_for_model
 from training.run.data import ImageDataset, build_dataloader, build_transform, data_source, load_image_dataset
 from training.run.hardware import machine_info
@@ -61,6 +62,7 @@ class EvalConfig:
     ft_lr: float = 1e-3
     ft_weight_decay: float = 0.05
     ft_warmup: float = 0.05  # fraction of fine-tune steps warming up
+    split: str = "test"  # scored on: "test" (reporting) or "validation" (carved from train; for choosing)
     progress: bool = True
 
 
@@ -86,6 +88,33 @@ def dataset_labels(hf_dataset, what: str = "dataset") -> np.ndarray:
         raise ValueError(f"{what} has no labels for {missing} of its {len(labels)} images; the evaluation protocols "
                          "need every image labeled (an image folder: one subfolder per class)")
     return np.asarray(labels, dtype=np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredSplits:
+    """The images a protocol fits on (`fit` at `fit_pool`) and scores on (`score` at `score_pool`), with labels."""
+
+    fit: Any
+    fit_labels: np.ndarray
+    fit_pool: np.ndarray
+    score: Any
+    score_labels: np.ndarray
+    score_pool: np.ndarray
+
+
+def load_scored_splits(data_dir: str | None, split: str, recipe: Recipe) -> ScoredSplits:
+    """split "test": fit on all of train, score on test. split "validation": score on the fixed validation carve of
+    train (training/protocols/splits.py), fit on the rest; the test split is not even loaded."""
+    train = load_split(data_dir, "train", recipe)
+    train_labels = dataset_labels(train, "the train split")
+    if check_split(split) == "validation":
+        fit_pool, val_pool = carve_validation_split(train_labels)
+        logger.info("scoring on the validation carve (%d train images, class-balanced, fixed); the test split is "
+                    "not read", len(val_pool))
+        return ScoredSplits(train, train_labels, fit_pool, train, train_labels, val_pool)
+    test = load_split(data_dir, "test", recipe)
+    test_labels = dataset_labels(test, "the test split")
+    return ScoredSplits(train, train_labels, np.arange(len(train)), test, test_labels, np.arange(len(test)))
 
 
 def subsample(n: int, max_n: int | None, seed: int) -> np.ndarray:
@@ -156,11 +185,11 @@ def evaluate(
     model = model.to(device)
     model_name = spec_name or f"{recipe.arch} ({checkpoint})"
 
-    train_hf, test_hf = load_split(c.data_dir, "train", recipe), load_split(c.data_dir, "test", recipe)
-    train_idx = subsample(len(train_hf), c.max_train, c.seed)
-    test_idx = subsample(len(test_hf), c.max_test, c.seed + 1)
-    train_labels_all = dataset_labels(train_hf, "the train split")
-    test_labels_all = dataset_labels(test_hf, "the test split")
+    splits = load_scored_splits(c.data_dir, c.split, recipe)
+    train_hf, train_labels_all = splits.fit, splits.fit_labels
+    test_hf, test_labels_all = splits.score, splits.score_labels
+    train_idx = splits.fit_pool[subsample(len(splits.fit_pool), c.max_train, c.seed)]
+    test_idx = splits.score_pool[subsample(len(splits.score_pool), c.max_test, c.seed + 1)]
     if len(np.unique(train_labels_all[train_idx])) < 2:
         raise ValueError(
             f"the train split has a single label ({train_labels_all[train_idx][0]}) for all "
@@ -236,6 +265,7 @@ def evaluate(
         "recipe_source": recipe_source,
         "input_size": list(recipe.data.input_size),
         "data": c.data_dir or recipe.data.name,
+        "split": c.split,
         "train_images": int(len(train_idx)),
         "test_images": int(len(test_idx)),
         "num_classes": num_classes,
