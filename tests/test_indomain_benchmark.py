@@ -163,3 +163,23 @@ def test_a_run_with_steps_from_trains_those_steps_without_timing_anything(tmp_pa
     saved = json.loads((out / "new.json").read_text())
     assert saved["settings"]["steps_from"] == "b30"
     assert saved["calibration"]["dreamteacher"]["steps_from"] == str(out / "b30.json")
+
+
+@pytest.mark.parametrize("zero_init_last", [False, True])
+def test_every_method_of_the_comparisons_starts_from_the_recipes_init(zero_init_last):
+    """random, SimCLR and BYOL start from the backbone DreamTeacher's student starts from: the recipe's
+    zero_init_last included (timm's default True would make random init a near-identity, another baseline)."""
+    from benchmarks.experiments.dense_fmnist_scenes import pretrained_backbone
+    from benchmarks.experiments.indomain_fmnist import fresh_backbone
+    from dreamteacher_models.recipes import DEFAULT_RECIPE, apply_overrides, get_recipe
+    from training.run.backbones import build_backbone
+
+    recipe = apply_overrides(get_recipe(DEFAULT_RECIPE), [f"zero_init_last={zero_init_last}"])
+    backbone = fresh_backbone(recipe, 0)
+    last_bn = [block.bn2.weight for stage in (backbone.layer1, backbone.layer4) for block in stage]
+    assert all(bool((w == 0).all()) == zero_init_last for w in last_bn)
+    torch.manual_seed(0)
+    student = build_backbone(recipe)
+    dense_random = pretrained_backbone("random", {}, recipe)
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, backbone.state_dict()[name]) and torch.equal(value, dense_random.state_dict()[name])

@@ -12,7 +12,9 @@ C4/C5 still have 4x4/2x2 grids to learn layout on (at 32 px they are 2x2/1x1). E
 resnet18 (resnet18.dreamteacher_fmnist with data.input_size 64) from the same seeded init, normalised alike:
 
 * random          no pretraining: the floor.
-* simclr, byol    lightly's (benchmarks/experiments/ssl_baselines.py), 64-px transforms.
+* simclr, byol    lightly's (benchmarks/experiments/ssl_baselines.py), 64-px views drawn by `--ssl-augment`
+                  (default batched tensor ops; the committed budget5min / budget30min runs used lightly's PIL
+                  transforms, `--ssl-augment lightly`, the only views then).
 * dreamteacher    training/pretrain.py with the recipe's teacher (the 32-px Fashion-MNIST DDPM, run at 64 px: a
                   convolutional UNet, its garments at the scale it was trained on).
 * dreamteacher-direct  the same with `regressor_top_down=False`: each student level regresses its own target
@@ -70,6 +72,7 @@ from benchmarks.experiments.indomain_fmnist import (  # noqa: E402
     pretrain_ssl,
     steps_for_budget,
 )
+from benchmarks.experiments.ssl_baselines import AUGMENTS  # noqa: E402
 from dreamteacher_models.recipes import DEFAULT_RECIPE, Recipe, apply_overrides, get_recipe  # noqa: E402
 from training.labels.dense_masks import num_classes_of, split_folder  # noqa: E402
 from training.protocols.dense_evaluation import (  # noqa: E402
@@ -79,7 +82,7 @@ from training.protocols.dense_evaluation import (  # noqa: E402
     label_counts,
     labelled_subset,
 )
-from training.protocols.segmentation import Pyramid  # noqa: E402
+from training.protocols.segmentation import PYRAMID_STRIDES, Pyramid  # noqa: E402
 from training.run.hardware import describe_machine  # noqa: E402
 from training.run.layout import write_text_atomic  # noqa: E402
 
@@ -95,6 +98,7 @@ DEFAULT_OUT_DIR = "benchmarks/results/dense_fmnist_scenes"
 DEFAULT_WORK_DIR = "runs/bench_dense_fmnist_scenes"
 SCENE_SIZE = 64
 INTERPRETER_LABELS = 20
+TEACHER_STRIDES = (4, 8)  # the teacher taps the DDPM-seg reference reads
 
 logger = logging.getLogger("dreamteacher.bench.dense")
 
@@ -113,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interpreter-epochs", type=int, default=100, help="dense interpreter epochs (default 100)")
     p.add_argument("--calibration-steps", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128, help="pretraining batch for every method (default 128)")
+    p.add_argument("--ssl-augment", choices=AUGMENTS, default="tensor",
+                   help="SimCLR/BYOL views: batched tensor ops (default) or lightly's per-image PIL transforms")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: every core)")
     p.add_argument("--tag", default="budget5min", help="name of the outputs (default budget5min)")
     p.add_argument("--resume", action="store_true", help="keep the finished entries of this tag")
@@ -135,20 +141,22 @@ def scene_recipe() -> Recipe:
 def indomain_args(args, data_dir: str) -> argparse.Namespace:
     """The namespace indomain_fmnist's pretraining helpers read, pointed at the unlabelled scenes."""
     return argparse.Namespace(seed=0, calibration_steps=args.calibration_steps, num_workers=0,
+                              ssl_augment=args.ssl_augment,
                               no_progress=args.no_progress, recipe=DEFAULT_RECIPE, data_dir=data_dir,
                               pretrain_images=None, overrides=[f"data.input_size=(3,{SCENE_SIZE},{SCENE_SIZE})"])
 
 
 class TeacherPyramid(nn.Module):
-    """The frozen teacher's stride-4 and stride-8 taps as a pyramid (finest first), one seeded noise stream."""
+    """The frozen teacher's taps at `strides` (default its stride-4 and stride-8 ones) as a pyramid (finest first), one
+    seeded noise stream."""
 
-    def __init__(self, recipe: Recipe, seed: int = 0):
+    def __init__(self, recipe: Recipe, seed: int = 0, strides: tuple[int, ...] = TEACHER_STRIDES):
         super().__init__()
         from training.teacher.build import build_teacher
         from training.teacher.sources import teacher_source
 
         self.teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std,
-                                     source=teacher_source(recipe)).keep_strides([4, 8])
+                                     source=teacher_source(recipe)).keep_strides(list(strides))
         self.channels = tuple(self.teacher.channels)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -238,22 +246,29 @@ def pretrain_all(args, report: dict[str, Any], data_dir: Path, work: Path, save)
     return pre
 
 
-def pyramid_maker(method: str, report: dict[str, Any], recipe: Recipe):
+def pretrained_backbone(method: str, report: dict[str, Any], recipe: Recipe) -> nn.Module:
+    """The seeded resnet18 init, with `method`'s pretrained weights from `report` unless method is "random"."""
+    backbone = fresh_backbone(recipe, 0)
+    if method == "random":
+        return backbone
+    info = report["pretraining"][method]
+    if "weights" in info:
+        import safetensors.torch
+
+        backbone.load_state_dict(safetensors.torch.load_file(info["weights"]))
+        return backbone
+    from training.run.backbones import load_backbone
+
+    return load_backbone(None, checkpoint=Path(info["run_dir"]) / "export", recipe=recipe)
+
+
+def pyramid_maker(method: str, report: dict[str, Any], recipe: Recipe,
+                  strides: tuple[int, ...] = PYRAMID_STRIDES):
+    """A factory of fresh pyramids of `method` (each evaluation run fine-tunes its own copy) at `strides`."""
     def make() -> nn.Module:
         if method == "teacher":
-            return TeacherPyramid(recipe)
-        backbone = fresh_backbone(recipe, 0)
-        if method != "random":
-            import safetensors.torch
-
-            info = report["pretraining"][method]
-            if "weights" in info:
-                backbone.load_state_dict(safetensors.torch.load_file(info["weights"]))
-            else:
-                from training.run.backbones import load_backbone
-
-                backbone = load_backbone(None, checkpoint=Path(info["run_dir"]) / "export", recipe=recipe)
-        return Pyramid(backbone, recipe.arch)
+            return TeacherPyramid(recipe, strides=strides)
+        return Pyramid(pretrained_backbone(method, report, recipe), recipe.arch, strides=strides)
 
     return make
 
@@ -321,10 +336,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = {"budget_minutes": args.budget_minutes, "labels": [c or "all" for c in args.labels],
                 "steps": args.steps, "eval_every": args.eval_every, "val_images": args.val_images,
                 "max_test": args.max_test, "batch_size": args.batch_size, "threads": args.threads,
-                "image_size": SCENE_SIZE, "data": str(data_dir)}
+                "image_size": SCENE_SIZE, "data": str(data_dir), "ssl_augment": args.ssl_augment}
     report: dict[str, Any] = {"settings": settings, "entries": {}}
     if args.resume and json_path.is_file():
         report = json.loads(json_path.read_text())
+        report["settings"].setdefault("ssl_augment", "lightly")  # the only views before the option existed
         if report["settings"] != settings:
             raise SystemExit(f"--resume: {json_path} was made with other settings: {report['settings']}")
     report["machine"] = describe_machine()

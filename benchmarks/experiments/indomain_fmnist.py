@@ -72,7 +72,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.common import matmul_gflops  # noqa: E402
+from benchmarks.experiments.ssl_baselines import AUGMENTS, SSL_METHODS  # noqa: E402
 from dreamteacher_models.recipes import DEFAULT_RECIPE, Recipe, apply_overrides, get_recipe  # noqa: E402
+from training.protocols.splits import SPLITS  # noqa: E402
 from training.run.hardware import describe_machine  # noqa: E402
 from training.run.layout import write_text_atomic  # noqa: E402
 from training.teacher.ddpm import training_cost  # noqa: E402
@@ -90,8 +92,8 @@ LABELS = {"random": "random init", "pixels": "raw pixels (reference)", "simclr":
           "teacher": "teacher features (reference)"}
 # settings a --resume must share with the run it continues
 RESUME_SETTINGS = ("budget_minutes", "batch_size", "num_workers", "calibration_steps", "recipe", "overrides",
-                   "teacher", "timestep", "data", "pretrain_images", "max_train", "max_test", "ft_epochs", "threads",
-                   "steps_from")
+                   "teacher", "timestep", "data", "pretrain_images", "max_train", "max_test", "split", "ft_epochs",
+                   "threads", "steps_from", "ssl_augment")
 DEFAULT_OUT_DIR = "benchmarks/results/indomain_fmnist"
 DEFAULT_WORK_DIR = "runs/bench_indomain_fmnist"
 
@@ -130,9 +132,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t = p.add_argument_group("pretraining")
     t.add_argument("--batch-size", type=int, help="batch for every method (default: the recipe's optim.batch_size)")
     t.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for every method (default 0)")
+    t.add_argument("--ssl-augment", choices=AUGMENTS, default="tensor",
+                   help="SimCLR/BYOL views: batched tensor ops (default) or lightly's per-image PIL transforms")
     t.add_argument("--calibration-steps", type=int, default=6,
                    help="steps timed per method to size its schedule (default 6; the first is not counted)")
     e = p.add_argument_group("evaluation")
+    e.add_argument("--split", choices=SPLITS, default="test",
+                   help="score on test (default: this table reports) or on the validation carve of train: use "
+                        "validation whenever the numbers choose something (a teacher, a baseline's settings)")
     e.add_argument("--ft-epochs", help="fine-tune epochs, one value or one per fraction (default: evaluate.py's)")
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -227,8 +234,8 @@ def steps_for_budget(seconds_per_step: float, budget_s: float) -> int:
 
 def _ssl_kwargs(args, recipe: Recipe, batch_size: int, device: str, seed: int) -> dict[str, Any]:
     return dict(batch_size=batch_size, input_size=recipe.data.input_size[-1], mean=recipe.data.mean,
-                std=recipe.data.std, seed=seed, num_workers=args.num_workers, device=device,
-                progress=not args.no_progress)
+                std=recipe.data.std, seed=seed, num_workers=args.num_workers, augment=args.ssl_augment,
+                device=device, progress=not args.no_progress)
 
 
 def calibrate_ssl(method: str, args, recipe: Recipe, hf_train, batch_size: int, device: str) -> float:
@@ -259,7 +266,7 @@ def pretrain_ssl(method: str, seed: int, steps: int, args, recipe: Recipe, hf_tr
             "images_per_s": round(out["images"] / out["train_s"], 2), "final_loss": out["final_loss"],
             "optimizer": f"SGD lr {sgd_lr(batch_size):g} (0.06 x batch/128) momentum 0.9 wd 5e-4, "
                          "10% warm-up + cosine",
-            "median_step_s": round(statistics.median(out["step_s"]), 4),
+            "median_step_s": round(statistics.median(out["step_s"]), 4), "augment": out["augment"],
             "weights": str(folder / "backbone.safetensors")}
     return backbone, info
 
@@ -438,10 +445,11 @@ def settings_line(report: dict[str, Any]) -> str:
                       if c.get("steps_from") else f"{m} {c['seconds_per_step']:.3f} s/step -> {c['steps']} steps"
                       for m, c in report.get("calibration", {}).items())
     return (f"budget {s['budget_minutes']:g} min per method ({calib or 'no budgeted method'}), batch "
-            f"{s['batch_size']}, {s['num_workers']} workers, {s['threads']} threads, recipe {s['recipe']} "
+            f"{s['batch_size']}, {s['num_workers']} workers, {s.get('ssl_augment', 'lightly')} SSL views, "
+            f"{s['threads']} threads, recipe {s['recipe']} "
             f"(teacher {s['teacher']}, t={s['timestep']}"
             + (f", overrides {' '.join(s['overrides'])}" if s["overrides"] else "") + "); evaluation on "
-            f"{ev.get('train_images', '?')} train / {ev.get('test_images', '?')} test images")
+            f"{ev.get('train_images', '?')} train / {ev.get('test_images', '?')} {s.get('split', 'test')} images")
 
 
 def machine_line(report: dict[str, Any]) -> str:
@@ -477,8 +485,9 @@ def calibration_from(path: Path, settings: dict[str, Any], methods: set[str]) ->
         tags = sorted(p.stem for p in path.parent.glob("*.json"))
         raise SystemExit(f"--steps-from: no {path}; the tags there: {', '.join(tags) or 'none'}")
     old = json.loads(path.read_text())
-    diffs = setting_differences(old["settings"], settings,
-                                ("budget_minutes", "batch_size", "pretrain_images", "threads", "device"))
+    same = ("budget_minutes", "batch_size", "pretrain_images", "threads", "device")
+    same += ("ssl_augment",) if methods & set(SSL_METHODS) else ()  # the views set SimCLR's and BYOL's speed
+    diffs = setting_differences(old["settings"], settings, same)
     if diffs:
         raise SystemExit(f"--steps-from: {path} was run with another budget ({'; '.join(diffs)})")
     return {method: {**calib, "steps_from": str(path)} for method, calib in old.get("calibration", {}).items()
@@ -526,17 +535,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget_s = 60.0 * args.budget_minutes
     methods = {m for m, _ in args.entries}
     eval_config = EvalConfig(data_dir=args.data_dir, max_train=args.max_train, max_test=args.max_test,
-                             device=device, progress=not args.no_progress,
+                             device=device, split=args.split, progress=not args.no_progress,
                              **({"ft_epochs": args.ft_epochs} if args.ft_epochs else {}))
 
     report: dict[str, Any] = {
         "tag": tag,
         "settings": {"budget_minutes": args.budget_minutes, "entries": [entry_key(*e) for e in args.entries],
-                     "batch_size": batch_size, "num_workers": args.num_workers, "threads": threads,
+                     "batch_size": batch_size, "num_workers": args.num_workers, "ssl_augment": args.ssl_augment,
+                     "threads": threads,
                      "calibration_steps": args.calibration_steps, "seed": args.seed, "recipe": recipe.name,
                      "overrides": args.overrides, "teacher": teacher_source, "timestep": recipe.teacher.timestep,
                      "data": args.data_dir or recipe.data.name, "pretrain_images": args.pretrain_images,
-                     "max_train": args.max_train, "max_test": args.max_test, "ft_epochs": args.ft_epochs,
+                     "max_train": args.max_train, "max_test": args.max_test, "split": args.split,
+                     "ft_epochs": args.ft_epochs,
                      "input_size": list(recipe.data.input_size), "arch": recipe.arch, "device": device,
                      "zero_init_last": recipe.zero_init_last,
                      "steps_from": args.steps_from,

@@ -12,11 +12,13 @@ wall-clock budget. The models follow lightly's own examples (examples/pytorch/si
   NegativeCosineSimilarity; momentum from lightly.utils.scheduler.cosine_schedule(step, total, 0.99, 1.0), per step
   (lightly's CIFAR-10 benchmark starts at 0.99; short runs need the faster-moving target).
 
-Augmentations: lightly's SimCLRTransform / BYOLTransform at input_size 32 with settings for 32-px grayscale
-Fashion-MNIST: no Gaussian blur (it erases a 32-px image), colour-jitter strength 0.5 (lightly's CIFAR setting;
-saturation/hue and random grayscale do nothing to a gray image and are set to 0), random-resized-crop min scale
-0.2 (the usual CIFAR-scale value; 0.08 leaves a few pixels of a 28-px garment), horizontal flips, BYOL's
-solarisation on view 2 kept (p = 0.2), and the recipe's normalisation (not ImageNet's).
+Augmentations, at input_size 32 with settings for 32-px grayscale Fashion-MNIST: no Gaussian blur (it erases a 32-px
+image), colour-jitter strength 0.5 (lightly's CIFAR setting; saturation/hue and random grayscale do nothing to a gray
+image and are set to 0), random-resized-crop min scale 0.2 (the usual CIFAR-scale value; 0.08 leaves a few pixels of
+a 28-px garment), horizontal flips, BYOL's solarisation on view 2 kept (p = 0.2), and the recipe's normalisation (not
+ImageNet's). Two implementations draw them: `augment="tensor"` (the default: benchmarks/experiments/
+ssl_tensor_views.py, batched tensor ops, several times faster on a CPU) and `augment="lightly"` (lightly's
+SimCLRTransform / BYOLTransform on PIL images, one image at a time in a DataLoader).
 
 Optimiser: SGD, momentum 0.9, weight decay 5e-4, lr 0.06 x batch / 128 (lightly's CIFAR-10 benchmark settings for
 both methods), linear warm-up over the first 10% of the steps (as the DreamTeacher recipe) then cosine decay to 0.
@@ -25,14 +27,17 @@ both methods), linear warm-up over the first 10% of the steps (as the DreamTeach
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from benchmarks.experiments.ssl_tensor_views import ViewAugment, decode_images, two_view_batches
 
 SSL_METHODS = ("simclr", "byol")
 SGD_LR_PER_128 = 0.06
@@ -42,6 +47,9 @@ WARMUP_FRACTION = 0.1
 CJ_STRENGTH = 0.5
 MIN_SCALE = 0.2
 BYOL_MOMENTUM = (0.99, 1.0)
+JITTER = {"simclr": 0.8, "byol": 0.4}  # lightly's cj_bright = cj_contrast defaults per method, times CJ_STRENGTH
+SOLARIZE = {"simclr": (0.0, 0.0), "byol": (0.0, 0.2)}  # per view; BYOLView2Transform's solarization_prob
+AUGMENTS = ("tensor", "lightly")
 
 
 def ssl_transform(method: str, input_size: int, mean, std) -> Callable:
@@ -60,6 +68,15 @@ def ssl_transform(method: str, input_size: int, mean, std) -> Callable:
         return BYOLTransform(view_1_transform=BYOLView1Transform(**common),
                              view_2_transform=BYOLView2Transform(**common))
     raise ValueError(f"unknown SSL method {method!r}; known: {', '.join(SSL_METHODS)}")
+
+
+def tensor_views(method: str, input_size: int, mean, std) -> tuple[ViewAugment, ViewAugment]:
+    """ssl_transform's two views as batched tensor augmentations (same crop scale, flips, jitter, solarisation)."""
+    if method not in SSL_METHODS:
+        raise ValueError(f"unknown SSL method {method!r}; known: {', '.join(SSL_METHODS)}")
+    jitter = CJ_STRENGTH * JITTER[method]
+    return tuple(ViewAugment(size=input_size, mean=tuple(mean), std=tuple(std), min_scale=MIN_SCALE,
+                             brightness=jitter, contrast=jitter, solarize_prob=p) for p in SOLARIZE[method])
 
 
 class TwoViewDataset(torch.utils.data.Dataset):
@@ -142,9 +159,19 @@ def sgd_lr(batch_size: int) -> float:
     return SGD_LR_PER_128 * batch_size / 128
 
 
-def _infinite(loader: torch.utils.data.DataLoader):
-    while True:
-        yield from loader
+def two_view_stream(method: str, hf_dataset, augment: str, *, batch_size: int, input_size: int, mean, std,
+                    seed: int = 0, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (view_1, view_2) batches of `method`'s augmentations, drawn by `augment` (one of AUGMENTS)."""
+    if augment == "tensor":
+        return two_view_batches(decode_images(hf_dataset), tensor_views(method, input_size, mean, std), batch_size,
+                                seed)
+    if augment != "lightly":
+        raise ValueError(f"unknown augment {augment!r}; known: {', '.join(AUGMENTS)}")
+    dataset = TwoViewDataset(hf_dataset, ssl_transform(method, input_size, mean, std))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                         num_workers=num_workers, persistent_workers=num_workers > 0,
+                                         generator=torch.Generator().manual_seed(seed))
+    return (batch for _ in itertools.count() for batch in loader)
 
 
 def train_ssl(
@@ -159,14 +186,16 @@ def train_ssl(
     std,
     seed: int = 0,
     num_workers: int = 0,
+    augment: str = "tensor",
     device: str | torch.device = "cpu",
     desc: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Pretrain `backbone` in place with `method` for exactly `steps` SGD steps of `batch_size` images (2 views each).
+    """Pretrain `backbone` in place with `method` for exactly `steps` SGD steps of `batch_size` images (2 views each),
+    the views drawn by `augment` ("tensor": batched, "lightly": lightly's PIL transforms in a DataLoader).
 
     Returns {"steps", "images", "views", "train_s" (loop wall time: data + compute), "step_s" (each step's wall
-    time, data loading included), "final_loss", "lr", "epochs"}.
+    time, data loading included), "final_loss", "lr", "epochs", "augment"}.
     """
     from training.run.schedule import cosine_with_warmup
 
@@ -176,10 +205,8 @@ def train_ssl(
         raise ValueError(f"{method}: {len(hf_dataset)} images are fewer than one batch of {batch_size}")
     torch.manual_seed(seed)
     model = build_ssl_model(method, backbone).to(device)
-    dataset = TwoViewDataset(hf_dataset, ssl_transform(method, input_size, mean, std))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                         num_workers=num_workers, persistent_workers=num_workers > 0,
-                                         generator=torch.Generator().manual_seed(seed))
+    batches = two_view_stream(method, hf_dataset, augment, batch_size=batch_size, input_size=input_size, mean=mean,
+                              std=std, seed=seed, num_workers=num_workers)
     lr = sgd_lr(batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY)
     warmup = int(round(WARMUP_FRACTION * steps))
@@ -187,7 +214,6 @@ def train_ssl(
     model.train()
     step_s: list[float] = []
     loss_value = math.nan
-    batches = _infinite(loader)
     bar = tqdm(total=steps, desc=desc or method, unit="step", disable=not progress, leave=False)
     start = last = time.perf_counter()
     for step in range(steps):
@@ -209,4 +235,5 @@ def train_ssl(
     bar.close()
     backbone.eval()
     return {"steps": steps, "images": steps * batch_size, "views": 2 * steps * batch_size, "train_s": train_s,
-            "step_s": step_s, "final_loss": loss_value, "lr": lr, "epochs": steps * batch_size / len(dataset)}
+            "step_s": step_s, "final_loss": loss_value, "lr": lr, "epochs": steps * batch_size / len(hf_dataset),
+            "augment": augment}
