@@ -1,5 +1,6 @@
 """The distillation trainer end to end: tiny UNet teacher, resnet18 student, generated images, in-process."""
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import training.pretrain as pretrain
 from dreamteacher_models.recipes import UnknownRecipeError
 from tests.tiny import write_fashion_mnist, write_image_folder
 from training.run.schedule import noise_seed
+from training.teacher.fast_path import GPU_FAST_PATH, PLAIN
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,6 +55,7 @@ def test_runs_and_exports_a_backbone_timm_loads(tmp_path, teacher_dir, idx_dir, 
     assert any(r.getMessage().startswith("student levels <- teacher taps, by stride:\n| student stride |")
                for r in caplog.records)
     assert "| 8 | 8 | 16 | as is | 4x4 |" in caplog.text
+    assert "fast path off: teacher plain" in caplog.text  # on a CPU, the plain path unless --fast-path
     model = timm.create_model(f"local-dir:{out / 'export'}", pretrained=True).eval()
     trained = {k.removeprefix("student."): v for k, v in _weights(out / "checkpoints" / "step_3").items()
                if k.startswith("student.")}
@@ -460,6 +463,7 @@ def test_command_line_defaults_and_choices():
     args = pretrain.parse_args([])
     assert (args.num_workers, args.checkpoint_every, args.channels_last, args.teacher_dtype) == (2, 500, False, None)
     assert (args.cache_encodings, args.feature_cache) == (2, None)  # the cache is opt-in
+    assert args.fast_path is None  # settled by the device and the recipe (tests/test_fast_path.py)
     assert pretrain.parse_args(["--channels-last", "--teacher-dtype", "fp16"]).teacher_dtype == "fp16"
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--teacher-dtype", "fp64"])
@@ -469,21 +473,23 @@ class _TeacherBuilt(Exception):
     """Stops a run once its teacher is configured."""
 
 
-@pytest.mark.parametrize("flags, mixed_precision, dtype, channels_last", [
-    ([], "no", None, False),
-    (["--teacher-dtype", "bf16"], "no", torch.bfloat16, False),
-    (["--teacher-dtype", "fp16", "--channels-last"], "no", torch.float16, True),
-    ([], "bf16", torch.bfloat16, False),  # the mixed precision `accelerate launch` was given
-    (["--teacher-dtype", "fp32"], "bf16", None, False),
+@pytest.mark.parametrize("flags, mixed_precision, dtype, channels_last, fast_path", [
+    ([], "no", None, False, PLAIN),  # on a CPU the fast path stays off unless asked for
+    (["--teacher-dtype", "bf16"], "no", torch.bfloat16, False, PLAIN),
+    (["--teacher-dtype", "fp16", "--channels-last"], "no", torch.float16, True, PLAIN),
+    ([], "bf16", torch.bfloat16, False, PLAIN),  # the mixed precision `accelerate launch` was given
+    (["--teacher-dtype", "fp32"], "bf16", None, False, PLAIN),
+    (["--fast-path"], "bf16", torch.bfloat16, True, GPU_FAST_PATH),  # brings channels_last along
+    (["--fast-path"], "no", None, True, dataclasses.replace(GPU_FAST_PATH, weights_in_dtype=False)),  # stays fp32
 ])
 def test_the_teacher_runs_in_the_dtype_asked_for_else_in_the_runs_mixed_precision(
-        tmp_path, teacher_dir, idx_dir, monkeypatch, flags, mixed_precision, dtype, channels_last):
+        tmp_path, teacher_dir, idx_dir, monkeypatch, flags, mixed_precision, dtype, channels_last, fast_path):
     from accelerate.state import AcceleratorState
 
     built = []
 
     def build_teacher(*args, **kwargs):
-        built.append((kwargs["dtype"], kwargs["channels_last"], kwargs["device"]))
+        built.append((kwargs["dtype"], kwargs["channels_last"], kwargs["device"], kwargs["fast_path"]))
         raise _TeacherBuilt
 
     monkeypatch.setattr(pretrain, "build_teacher", build_teacher)
@@ -494,7 +500,7 @@ def test_the_teacher_runs_in_the_dtype_asked_for_else_in_the_runs_mixed_precisio
             pretrain.main(_args(tmp_path / "run", teacher_dir, idx_dir, *flags))
     finally:
         AcceleratorState._reset_state(True)
-    assert built == [(dtype, channels_last, torch.device("cpu"))]
+    assert built == [(dtype, channels_last, torch.device("cpu"), fast_path)]
 
 
 def test_a_convnext_student_trains_under_two_process_ddp(tmp_path, teacher_dir, idx_dir):

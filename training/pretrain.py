@@ -38,6 +38,7 @@ from dreamteacher_models.recipes import (
     Recipe,
     apply_overrides,
     get_recipe,
+    list_recipes,
     recipe_fields,
     recipe_from_dict,
 )
@@ -75,6 +76,7 @@ from training.run.schedule import TrainState, cosine_with_warmup, noise_seed, pl
 from training.run.shared_disk import check_shared_folder
 from training.teacher.build import build_teacher
 from training.teacher.domain import check_teacher_domain
+from training.teacher.fast_path import GPU_FAST_PATH, PLAIN
 from training.teacher.sources import teacher_source
 from training.teacher.taps import describe_taps
 
@@ -105,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     teacher.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"],
                          help="teacher autocast dtype (default: bf16/fp16 when --mixed_precision says so, else fp32)")
     teacher.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU speed-up)")
+    teacher.add_argument("--fast-path", action=argparse.BooleanOptionalAction,
+                         help="the GPU fast path: the teacher's weights in its bf16/fp16 dtype, its blocks compiled "
+                              "with torch.compile, SDPA attention (training/teacher/fast_path.py), and channels_last "
+                              "(default: on for the paper's ImageNet recipes on a GPU, off otherwise)")
     teacher.add_argument("--interpreter", metavar="DIR",
                          help="mix-distillation: the interpreter folder from training/train_interpreter.py (sets "
                               "recipe.label_distill.interpreter); the student gets a task head learning its soft "
@@ -249,14 +255,26 @@ def build_accelerator(args, recipe: Recipe, output_dir: Path) -> tuple[Accelerat
     return accelerator, micro_batch, accumulation
 
 
+def resolve_fast_path(args, recipe: Recipe, device: torch.device) -> None:
+    """Settle args.fast_path (unset: on for the paper's ImageNet recipes on a GPU); on, it brings channels_last.
+    Settled before args.json is written, so the run folder records what ran."""
+    if args.fast_path is None:
+        args.fast_path = device.type == "cuda" and recipe.name in list_recipes("*.dreamteacher_in1k")
+    args.channels_last = args.channels_last or args.fast_path
+
+
 def build_models(args, recipe: Recipe, accelerator: Accelerator):
     """(teacher, distiller, recipe with its stride pairs, interpreter, interpreter info): the frozen teacher (never
     prepared) and the trainable student + regressor, levels paired by stride; with label distillation, the frozen
     interpreter and a task head on the student."""
     teacher_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         args.teacher_dtype or accelerator.mixed_precision)
+    fast_path = PLAIN
+    if args.fast_path:  # an fp32 teacher keeps fp32 weights: the fast path changes how it runs, not its precision
+        fast_path = dataclasses.replace(GPU_FAST_PATH, weights_in_dtype=teacher_dtype is not None)
     teacher = build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, source=teacher_source(recipe),
-                            device=accelerator.device, dtype=teacher_dtype, channels_last=args.channels_last)
+                            device=accelerator.device, dtype=teacher_dtype, channels_last=args.channels_last,
+                            fast_path=fast_path)
     model, pairing_notes = build_distiller(recipe, dict(zip(teacher.strides, teacher.channels, strict=True)))
     pairs = model.pairs
     recipe = dataclasses.replace(recipe, pairs=tuple((p.student_stride, p.teacher_stride) for p in pairs))
@@ -272,6 +290,8 @@ def build_models(args, recipe: Recipe, accelerator: Accelerator):
         logger.info("student levels <- teacher taps, by stride:\n%s\n%s",
                     describe_pairs(pairs, recipe.data.input_size[-1]), "\n".join(pairing_notes))
         logger.info("%d torch threads per process on %s", torch.get_num_threads(), accelerator.device)
+        logger.info("fast path %s: teacher %s%s", "on" if args.fast_path else "off", teacher.fast_path.describe(),
+                    ", channels_last" if args.channels_last else "")
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return teacher, model, recipe, interpreter, interpreter_info
@@ -410,6 +430,7 @@ def main(argv: list[str] | None = None) -> Path:
     check_teacher_domain(recipe, args.data_dir)
 
     accelerator, micro_batch, accumulation = build_accelerator(args, recipe, output_dir)
+    resolve_fast_path(args, recipe, accelerator.device)
     teacher, model, recipe, interpreter, interpreter_info = build_models(args, recipe, accelerator)
     pairs = model.pairs
     optimizer = create_optimizer_v2(model, opt=recipe.optim.optimizer, lr=recipe.optim.lr,

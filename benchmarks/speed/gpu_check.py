@@ -6,7 +6,8 @@
 For resnet50.dreamteacher_in1k and convnext_base.dreamteacher_in1k it runs training/pretrain.py in-process on
 synthetic images: a teacher with the ADM-256 architecture (training/teacher/adm.py's diffusers config of the
 256x256_diffusion_uncond preset, random weights: the check needs no 2 GB download), `--max-steps` half-way with a
-checkpoint, then `--resume latest` to the end, the export, and a `timm.create_model("local-dir:...")` load. It prints
+checkpoint, then `--resume latest` to the end, the export, and a `timm.create_model("local-dir:...")` load (on a GPU
+the trainer takes its --fast-path for these recipes by default: training/teacher/fast_path.py). It prints
 one row per recipe (images/s from the run's metrics.jsonl after the first logged step, peak GPU memory, wall time)
 and writes the table to <out>/gpu_check.md. `--size tiny` swaps in a 64-px ADM-like teacher and toy students
 (resnet18, convnext_atto) in fp32, which tests/test_gpu_check.py runs on the CPU.

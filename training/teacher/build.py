@@ -11,6 +11,7 @@ import torch
 from dreamteacher_models.recipes import TeacherConfig
 from training.teacher import adm
 from training.teacher.adm_fetch import is_adm_name, resolve_adm_name
+from training.teacher.fast_path import PLAIN, FastPath
 from training.teacher.frozen import DEFAULT_DDIM_STEPS, FrozenTeacher
 from training.teacher.prompt import load_empty_prompt_embedding
 from training.teacher.sources import WEIGHT_SUFFIXES, _load_component, _load_scheduler, _missing
@@ -46,13 +47,15 @@ def build_teacher(
     taps: Sequence[str] | None = None,
     ddim_steps: int = DEFAULT_DDIM_STEPS,
     early_stop: bool = True,
+    fast_path: FastPath = PLAIN,
 ) -> FrozenTeacher:
     """The frozen teacher a `TeacherConfig` declares. `source` overrides config.source, `taps` config.taps.
 
     kind "unet": a diffusers UNet2DModel folder (root or unet/) or Hub id; "adm": the same for a folder written by
     training/convert_adm.py, or a guided-diffusion .pt converted on the fly with config.adm_preset; "latent": a
     Stable Diffusion 1.x/2.x pipeline (UNet2DConditionModel + AutoencoderKL + empty-prompt embedding).
-    Missing sources raise FileNotFoundError saying how to get one.
+    Missing sources raise FileNotFoundError saying how to get one. `fast_path`: the GPU speed switches
+    (training/teacher/fast_path.py).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 
@@ -92,6 +95,7 @@ def build_teacher(
         dtype=dtype,
         channels_last=channels_last,
         early_stop=early_stop,
+        fast_path=fast_path,
         kind=kind,
         source=src,
     )

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.teacher.fast_path import PLAIN, FastPath, compile_blocks, set_attention
 from training.teacher.taps import _first_tensor, _StopForward, probe_taps, resolve_tap_names
 
 DEFAULT_DDIM_STEPS = 10
@@ -34,7 +35,8 @@ class FrozenTeacher:
     resized to `resolution` if set (bilinear, antialiased; features are resampled back to the input's grid so the
     strides keep their meaning), encoded to x_t (fresh noise, or DDIM inversion with encoding="ddim"), and ONE UNet
     pass at `timestep` is run up to the last tap. fp32 by default; `dtype` (bf16/fp16) runs the networks under
-    autocast; outputs are always float32 and detached.
+    autocast; outputs are always float32 and detached. `fast_path` (training/teacher/fast_path.py) turns on the
+    GPU speed switches: weights stored in `dtype`, compiled blocks, the attention processor.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class FrozenTeacher:
         dtype: torch.dtype | None = None,
         channels_last: bool = False,
         early_stop: bool = True,
+        fast_path: FastPath = PLAIN,
         kind: str = "unet",
         source: str | None = None,
     ):
@@ -84,6 +87,7 @@ class FrozenTeacher:
         self.dtype = None if dtype == torch.float32 else dtype
         self.channels_last = channels_last
         self.early_stop = early_stop
+        self.fast_path = fast_path
         self.scheduler = scheduler
         self.prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
         self.unet, self.vae = unet, vae
@@ -122,6 +126,10 @@ class FrozenTeacher:
         self._stop_after: str | None = None
         modules = dict(unet.named_modules())
         self._hooks = {n: modules[n].register_forward_hook(self._make_hook(n)) for n in self._names}
+        if fast_path.attention:
+            set_attention(unet, fast_path.attention)
+        if fast_path.compile_backend:
+            compile_blocks(unet, fast_path.compile_backend, self._names)
         self.to(self.device)
 
     # -- bookkeeping
@@ -147,6 +155,8 @@ class FrozenTeacher:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         for net in self.nets:
             net.to(self.device, memory_format=fmt)
+            if self.fast_path.weights_in_dtype and self.dtype:  # torch's own `to`: diffusers' warns on any dtype
+                nn.Module.to(net, self.dtype)
         self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
         if self.prompt_embedding is not None:
             self.prompt_embedding = self.prompt_embedding.to(self.device)
