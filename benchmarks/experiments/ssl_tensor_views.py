@@ -1,6 +1,6 @@
 """SimCLR / BYOL views as batched tensor ops: the augmentations of lightly's SimCLRTransform and BYOLTransform (the
 settings of ssl_baselines.ssl_transform) applied to a whole batch at once, so the baselines run at the speed of
-their network instead of a per-image PIL pipeline on the main process.
+their network instead of waiting on a per-image PIL pipeline on the main process.
 
 The unlabelled images are decoded once into one uint8 tensor (the benchmark sets are small: 60,000 28-px garments or
 20,000 64-px scenes); each step gathers a batch and draws two views:
