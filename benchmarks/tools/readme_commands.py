@@ -8,7 +8,8 @@ Clones this repository's HEAD (committed files only) into a temporary folder, th
 `bash scripts/pretrain.sh` and `bash scripts/test.sh` there, each timed by wall clock, set-up included. From their
 output it reads the distillation time (the trainer's log, from its "steps of" line to "exported the student"), the
 torch threads, the tests passed / failed / skipped and pytest's own time, and hashes the exported weights. Writes
-`<out-dir>/<tag>.json` and `.md` with the commit and the machine; the two logs go to `runs/readme_commands/<tag>/`.
+`<out-dir>/<tag>.json` and `.md` with the commit and the machine; the two logs and a copy of the export go to
+`runs/readme_commands/<tag>/`, where training/evaluate.py can score the main job's backbone.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pre_wall, pre_status, pre_out = run_timed(["bash", "scripts/pretrain.sh"], clone, env, logs / "pretrain.log")
         export = clone / EXPORT
         sha = hashlib.sha256(export.read_bytes()).hexdigest() if export.is_file() else None
+        if export.is_file():  # kept for scoring: the main job's own results file is made from it
+            shutil.copytree(export.parent, logs / "export", dirs_exist_ok=True)
         test_wall, test_status, test_out = run_timed(["bash", "scripts/test.sh"], clone, env, logs / "test.log")
     threads = re.search(r"\d+ torch threads per process on \w+", pre_out)
     report = {
