@@ -22,7 +22,7 @@ def test_pytest_summary_reads_the_last_summary_line():
     assert pytest_summary("no tests ran") == {}
 
 
-def test_the_table_names_the_commands_times_counts_and_export(tmp_path, monkeypatch):
+def test_the_table_names_the_commands_times_counts_and_export():
     from benchmarks.tools import readme_commands
 
     report = {"tag": "t", "commit": "abc", "machine": "2-core CPU", "environment": "Python on PATH",
