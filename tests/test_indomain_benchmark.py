@@ -183,3 +183,14 @@ def test_every_method_of_the_comparisons_starts_from_the_recipes_init(zero_init_
     dense_random = pretrained_backbone("random", {}, recipe)
     for name, value in student.state_dict().items():
         assert torch.equal(value, backbone.state_dict()[name]) and torch.equal(value, dense_random.state_dict()[name])
+
+
+def test_rescoring_scripts_refuse_a_missing_run_or_backbone(tmp_path):
+    from benchmarks.experiments.dense_fmnist_scenes import load_dense_report
+
+    with pytest.raises(FileNotFoundError, match="run dense_fmnist_scenes.py --tag b30 first"):
+        load_dense_report(tmp_path, "b30", ["random"])
+    (tmp_path / "b30.json").write_text(json.dumps({"pretraining": {"simclr": {"weights": "w"}}}))
+    assert load_dense_report(tmp_path, "b30", ["random", "teacher", "simclr"])["pretraining"]["simclr"]
+    with pytest.raises(ValueError, match=r"no pretrained backbone for \['byol'\]; it has \['simclr'\]"):
+        load_dense_report(tmp_path, "b30", ["simclr", "byol"])

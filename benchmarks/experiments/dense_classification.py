@@ -30,6 +30,7 @@ from typing import Any  # noqa: E402
 from benchmarks.experiments.dense_fmnist_scenes import (  # noqa: E402
     DEFAULT_OUT_DIR,
     LABELS,
+    load_dense_report,
     pretrained_backbone,
     scene_recipe,
 )
@@ -79,14 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out_dir = Path(args.out_dir)
-    source_path = out_dir / f"{args.tag}.json"
-    if not source_path.is_file():
-        raise FileNotFoundError(f"{source_path} does not exist: run dense_fmnist_scenes.py --tag {args.tag} first")
-    source = json.loads(source_path.read_text())
-    missing = [m for m in args.method_list if m != "random" and m not in source["pretraining"]]
-    if missing:
-        raise ValueError(f"{source_path} has no pretrained backbone for {missing}; it has "
-                         f"{sorted(source['pretraining'])} (plus random)")
+    source = load_dense_report(out_dir, args.tag, args.method_list)
     settings = {"tag": args.tag, "protocols": list(PROTOCOLS), "max_train": args.max_train,
                 "max_test": args.max_test, "threads": args.threads}
     json_path = out_dir / f"{args.tag}_classification.json"

@@ -246,6 +246,23 @@ def pretrain_all(args, report: dict[str, Any], data_dir: Path, work: Path, save)
     return pre
 
 
+UNTRAINED = ("random", "teacher")  # methods with no pretraining run of their own
+
+
+def load_dense_report(out_dir: Path, tag: str, methods: list[str]) -> dict[str, Any]:
+    """The report of an earlier run `tag` (for the scripts that rescore its backbones); refuses one that lacks a
+    pretrained backbone for any of `methods`."""
+    path = Path(out_dir) / f"{tag}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run dense_fmnist_scenes.py --tag {tag} first")
+    report = json.loads(path.read_text())
+    missing = [m for m in methods if m not in UNTRAINED and m not in report.get("pretraining", {})]
+    if missing:
+        raise ValueError(f"{path} has no pretrained backbone for {missing}; it has "
+                         f"{sorted(report.get('pretraining', {}))} (plus {', '.join(UNTRAINED)})")
+    return report
+
+
 def pretrained_backbone(method: str, report: dict[str, Any], recipe: Recipe) -> nn.Module:
     """The seeded resnet18 init, with `method`'s pretrained weights from `report` unless method is "random"."""
     backbone = fresh_backbone(recipe, 0)

@@ -36,6 +36,7 @@ from benchmarks.experiments.dense_fmnist_scenes import (  # noqa: E402
     LABELS,
     METHODS,
     TEACHER_STRIDES,
+    load_dense_report,
     pyramid_maker,
     scene_recipe,
 )
@@ -108,14 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
-    source_path = out_dir / f"{args.tag}.json"
-    if not source_path.is_file():
-        raise FileNotFoundError(f"{source_path} does not exist: run dense_fmnist_scenes.py --tag {args.tag} first")
-    source = json.loads(source_path.read_text())
-    missing = [m for m in args.method_list if m not in ("random", "teacher") and m not in source["pretraining"]]
-    if missing:
-        raise ValueError(f"{source_path} has no pretrained backbone for {missing}; it has "
-                         f"{sorted(source['pretraining'])} (plus random and teacher)")
+    source = load_dense_report(out_dir, args.tag, args.method_list)
     s = source["settings"]
     settings = {"tag": args.tag, "labels": [c or "all" for c in args.labels], "steps": s["steps"],
                 "eval_every": s["eval_every"], "val_images": s["val_images"], "max_test": s["max_test"],
