@@ -194,3 +194,15 @@ def test_rescoring_scripts_refuse_a_missing_run_or_backbone(tmp_path):
     assert load_dense_report(tmp_path, "b30", ["random", "teacher", "simclr"])["pretraining"]["simclr"]
     with pytest.raises(ValueError, match=r"no pretrained backbone for \['byol'\]; it has \['simclr'\]"):
         load_dense_report(tmp_path, "b30", ["simclr", "byol"])
+
+
+def test_ssl_set_is_checked_against_each_methods_settings(capsys):
+    from benchmarks.experiments import indomain_fmnist as bench
+
+    args = bench.parse_args(["--ssl-set", "simclr.temperature=0.2", "--ssl-set", "byol.lr_scale=2"])
+    assert args.ssl_settings == {"simclr": {"temperature": 0.2}, "byol": {"lr_scale": 2.0}}
+    for bad, message in (("byol.temperature=0.2", "byol has no setting 'temperature'"),
+                         ("temperature=0.2", "takes METHOD.KEY=VALUE"), ("simclr.temperature=low", "not a number")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--ssl-set", bad])
+        assert message in capsys.readouterr().err

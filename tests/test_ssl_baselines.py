@@ -13,8 +13,10 @@ pytest.importorskip("lightly")
 from benchmarks.experiments.ssl_baselines import (  # noqa: E402
     CJ_STRENGTH,
     MIN_SCALE,
+    SETTINGS,
     build_ssl_model,
     sgd_lr,
+    ssl_settings,
     ssl_transform,
     tensor_views,
     train_ssl,
@@ -201,3 +203,29 @@ def test_train_ssl_runs_with_either_view_implementation(augment):
     with pytest.raises(ValueError, match="unknown augment 'kornia'"):
         train_ssl("simclr", backbone, TinySet(8), steps=1, batch_size=4, input_size=16, mean=MEAN, std=STD,
                   augment="kornia")
+
+
+def test_tuned_settings_reach_the_loss_the_target_momentum_and_the_lr():
+    assert build_ssl_model("simclr", tiny_backbone(), {"temperature": 0.2}).criterion.temperature == 0.2
+    byol = build_ssl_model("byol", tiny_backbone(), {"momentum_base": 0.9})
+    assert byol.momentum == (0.9, 1.0)
+    assert build_ssl_model("byol", tiny_backbone()).momentum == (0.99, 1.0)
+    import timm
+
+    backbone = timm.create_model("resnet18", num_classes=0, pretrained=False)
+    out = train_ssl("simclr", backbone, TinySet(8, size=28), steps=1, batch_size=4, input_size=16, mean=MEAN,
+                    std=STD, overrides={"lr_scale": 2, "temperature": 0.1}, progress=False)
+    assert out["lr"] == pytest.approx(2 * sgd_lr(4))
+    assert out["settings"] == {"temperature": 0.1, "lr_scale": 2.0}
+    assert ssl_settings("byol") == SETTINGS["byol"] == {"momentum_base": 0.99, "lr_scale": 1.0}
+
+
+def test_an_unknown_or_out_of_range_setting_is_refused_by_name():
+    with pytest.raises(ValueError, match="byol has no setting 'temperature'; its settings: momentum_base, lr_scale"):
+        ssl_settings("byol", {"temperature": 0.2})
+    with pytest.raises(ValueError, match="out of range"):
+        ssl_settings("byol", {"momentum_base": 1.0})
+    with pytest.raises(ValueError, match="out of range"):
+        ssl_settings("simclr", {"temperature": 0})
+    with pytest.raises(ValueError, match="unknown SSL method 'moco'"):
+        ssl_settings("moco")

@@ -72,7 +72,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.common import matmul_gflops  # noqa: E402
-from benchmarks.experiments.ssl_baselines import AUGMENTS, SSL_METHODS  # noqa: E402
+from benchmarks.experiments.ssl_baselines import AUGMENTS, SETTINGS, SSL_METHODS, ssl_settings  # noqa: E402
 from dreamteacher_models.recipes import DEFAULT_RECIPE, Recipe, apply_overrides, get_recipe  # noqa: E402
 from training.protocols.splits import SPLITS  # noqa: E402
 from training.run.hardware import describe_machine  # noqa: E402
@@ -93,7 +93,7 @@ LABELS = {"random": "random init", "pixels": "raw pixels (reference)", "simclr":
 # settings a --resume must share with the run it continues
 RESUME_SETTINGS = ("budget_minutes", "batch_size", "num_workers", "calibration_steps", "recipe", "overrides",
                    "teacher", "timestep", "data", "pretrain_images", "max_train", "max_test", "split", "ft_epochs",
-                   "threads", "steps_from", "ssl_augment")
+                   "threads", "steps_from", "ssl_augment", "ssl_overrides")
 DEFAULT_OUT_DIR = "benchmarks/results/indomain_fmnist"
 DEFAULT_WORK_DIR = "runs/bench_indomain_fmnist"
 
@@ -134,6 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for every method (default 0)")
     t.add_argument("--ssl-augment", choices=AUGMENTS, default="tensor",
                    help="SimCLR/BYOL views: batched tensor ops (default) or lightly's per-image PIL transforms")
+    t.add_argument("--ssl-set", dest="ssl_overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a SimCLR/BYOL setting, repeatable (e.g. --ssl-set simclr.temperature=0.2 --ssl-set "
+                        f"byol.lr_scale=2); settings: {SETTINGS}")
     t.add_argument("--calibration-steps", type=int, default=6,
                    help="steps timed per method to size its schedule (default 6; the first is not counted)")
     e = p.add_argument_group("evaluation")
@@ -152,6 +155,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--budget-minutes must be > 0")
     if args.calibration_steps < 2:
         p.error("--calibration-steps must be >= 2 (the first step is not counted)")
+    try:
+        args.ssl_settings = parse_ssl_overrides(args.ssl_overrides)
+    except ValueError as err:
+        p.error(str(err))
     if args.ft_epochs:
         try:
             args.ft_epochs = [int(v) for v in args.ft_epochs.split(",") if v.strip()]
@@ -176,6 +183,23 @@ def parse_entries(text: str, default_seed: int) -> list[tuple[str, int]]:
     if not entries:
         raise ValueError(f"--methods is empty; choose from {','.join(METHODS)}")
     return entries
+
+
+def parse_ssl_overrides(items: list[str]) -> dict[str, dict[str, float]]:
+    """['simclr.temperature=0.2', ...] -> {"simclr": {"temperature": 0.2}}, each checked against the method's
+    settings (benchmarks/experiments/ssl_baselines.py SETTINGS)."""
+    out: dict[str, dict[str, float]] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        method, dot, key = name.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--ssl-set takes METHOD.KEY=VALUE (e.g. simclr.temperature=0.2), got {item!r}")
+        try:
+            out.setdefault(method, {})[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--ssl-set {item!r}: {value!r} is not a number") from None
+        ssl_settings(method, out[method])
+    return out
 
 
 def entry_key(method: str, seed: int) -> str:
@@ -232,10 +256,10 @@ def steps_for_budget(seconds_per_step: float, budget_s: float) -> int:
     return max(1, math.floor(budget_s / seconds_per_step))
 
 
-def _ssl_kwargs(args, recipe: Recipe, batch_size: int, device: str, seed: int) -> dict[str, Any]:
+def _ssl_kwargs(method: str, args, recipe: Recipe, batch_size: int, device: str, seed: int) -> dict[str, Any]:
     return dict(batch_size=batch_size, input_size=recipe.data.input_size[-1], mean=recipe.data.mean,
                 std=recipe.data.std, seed=seed, num_workers=args.num_workers, augment=args.ssl_augment,
-                device=device, progress=not args.no_progress)
+                overrides=args.ssl_settings.get(method), device=device, progress=not args.no_progress)
 
 
 def calibrate_ssl(method: str, args, recipe: Recipe, hf_train, batch_size: int, device: str) -> float:
@@ -243,7 +267,7 @@ def calibrate_ssl(method: str, args, recipe: Recipe, hf_train, batch_size: int, 
     from benchmarks.experiments.ssl_baselines import train_ssl
 
     calib = train_ssl(method, fresh_backbone(recipe, args.seed), hf_train, steps=args.calibration_steps,
-                      desc=f"{method} calibration", **_ssl_kwargs(args, recipe, batch_size, device, args.seed))
+                      desc=f"{method} calibration", **_ssl_kwargs(method, args, recipe, batch_size, device, args.seed))
     return statistics.median(calib["step_s"][1:])
 
 
@@ -251,12 +275,12 @@ def pretrain_ssl(method: str, seed: int, steps: int, args, recipe: Recipe, hf_tr
                  folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     import safetensors.torch
 
-    from benchmarks.experiments.ssl_baselines import sgd_lr, train_ssl
+    from benchmarks.experiments.ssl_baselines import train_ssl
 
     backbone = fresh_backbone(recipe, seed)
     t0 = time.perf_counter()
     out = train_ssl(method, backbone, hf_train, steps=steps, desc=f"{method} seed {seed}",
-                    **_ssl_kwargs(args, recipe, batch_size, device, seed))
+                    **_ssl_kwargs(method, args, recipe, batch_size, device, seed))
     wall_s = time.perf_counter() - t0
     folder.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file({k: v.contiguous() for k, v in backbone.state_dict().items()},
@@ -264,8 +288,8 @@ def pretrain_ssl(method: str, seed: int, steps: int, args, recipe: Recipe, hf_tr
     info = {"steps": steps, "batch_size": batch_size, "images": out["images"], "views": out["views"],
             "epochs": round(out["epochs"], 3), "train_s": round(out["train_s"], 2), "wall_s": round(wall_s, 2),
             "images_per_s": round(out["images"] / out["train_s"], 2), "final_loss": out["final_loss"],
-            "optimizer": f"SGD lr {sgd_lr(batch_size):g} (0.06 x batch/128) momentum 0.9 wd 5e-4, "
-                         "10% warm-up + cosine",
+            "optimizer": f"SGD lr {out['lr']:g} (0.06 x batch/128 x lr_scale) momentum 0.9 wd 5e-4, "
+                         "10% warm-up + cosine", "settings": out["settings"],
             "median_step_s": round(statistics.median(out["step_s"]), 4), "augment": out["augment"],
             "weights": str(folder / "backbone.safetensors")}
     return backbone, info
@@ -448,7 +472,8 @@ def settings_line(report: dict[str, Any]) -> str:
             f"{s['batch_size']}, {s['num_workers']} workers, {s.get('ssl_augment', 'lightly')} SSL views, "
             f"{s['threads']} threads, recipe {s['recipe']} "
             f"(teacher {s['teacher']}, t={s['timestep']}"
-            + (f", overrides {' '.join(s['overrides'])}" if s["overrides"] else "") + "); evaluation on "
+            + (f", overrides {' '.join(s['overrides'])}" if s["overrides"] else "") + ")"
+            + (f", SSL settings {s['ssl_overrides']}" if s.get("ssl_overrides") else "") + "; evaluation on "
             f"{ev.get('train_images', '?')} train / {ev.get('test_images', '?')} {s.get('split', 'test')} images")
 
 
@@ -497,6 +522,7 @@ def calibration_from(path: Path, settings: dict[str, Any], methods: set[str]) ->
 def resumed_report(report: dict[str, Any], path: Path) -> dict[str, Any]:
     """`report` with the finished entries and calibration of the earlier run at `path`; refuses other settings."""
     old = json.loads(path.read_text())
+    old["settings"].setdefault("ssl_overrides", {})  # runs from before --ssl-set used the defaults
     new_settings = json.loads(json.dumps(report["settings"], default=str))
     diffs = setting_differences(old["settings"], new_settings, RESUME_SETTINGS)
     if diffs:
@@ -542,6 +568,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tag": tag,
         "settings": {"budget_minutes": args.budget_minutes, "entries": [entry_key(*e) for e in args.entries],
                      "batch_size": batch_size, "num_workers": args.num_workers, "ssl_augment": args.ssl_augment,
+                     "ssl_overrides": args.ssl_settings,
                      "threads": threads,
                      "calibration_steps": args.calibration_steps, "seed": args.seed, "recipe": recipe.name,
                      "overrides": args.overrides, "teacher": teacher_source, "timestep": recipe.teacher.timestep,

@@ -31,7 +31,7 @@ import copy
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -51,6 +51,10 @@ BYOL_MOMENTUM = (0.99, 1.0)
 JITTER = {"simclr": 0.8, "byol": 0.4}  # lightly's cj_bright = cj_contrast defaults per method, times CJ_STRENGTH
 SOLARIZE = {"simclr": (0.0, 0.0), "byol": (0.0, 0.2)}  # per view; BYOLView2Transform's solarization_prob
 AUGMENTS = ("tensor", "lightly")
+# What a tuning run may change per method (benchmarks/experiments/ssl_tuning.py), with the defaults stated above:
+# lr_scale multiplies the SGD lr, momentum_base is the BYOL target's starting momentum (cosine to 1).
+SETTINGS = {"simclr": {"temperature": 0.5, "lr_scale": 1.0},
+            "byol": {"momentum_base": BYOL_MOMENTUM[0], "lr_scale": 1.0}}
 
 
 def ssl_transform(method: str, input_size: int, mean, std) -> Callable:
@@ -96,14 +100,14 @@ class TwoViewDataset(torch.utils.data.Dataset):
 
 
 class SimCLR(nn.Module):
-    def __init__(self, backbone: nn.Module, feature_dim: int):
+    def __init__(self, backbone: nn.Module, feature_dim: int, temperature: float = SETTINGS["simclr"]["temperature"]):
         super().__init__()
         from lightly.loss import NTXentLoss
         from lightly.models.modules import SimCLRProjectionHead
 
         self.backbone = backbone
         self.projection_head = SimCLRProjectionHead(feature_dim, feature_dim, 128)
-        self.criterion = NTXentLoss(temperature=0.5)
+        self.criterion = NTXentLoss(temperature=temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection_head(self.backbone(x))
@@ -113,7 +117,7 @@ class SimCLR(nn.Module):
 
 
 class BYOL(nn.Module):
-    def __init__(self, backbone: nn.Module, feature_dim: int):
+    def __init__(self, backbone: nn.Module, feature_dim: int, momentum_base: float = BYOL_MOMENTUM[0]):
         super().__init__()
         from lightly.loss import NegativeCosineSimilarity
         from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
@@ -127,6 +131,7 @@ class BYOL(nn.Module):
         deactivate_requires_grad(self.backbone_momentum)
         deactivate_requires_grad(self.projection_head_momentum)
         self.criterion = NegativeCosineSimilarity()
+        self.momentum = (momentum_base, BYOL_MOMENTUM[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.prediction_head(self.projection_head(self.backbone(x)))
@@ -139,7 +144,7 @@ class BYOL(nn.Module):
         from lightly.models.utils import update_momentum
         from lightly.utils.scheduler import cosine_schedule
 
-        m = cosine_schedule(step, total_steps, *BYOL_MOMENTUM)
+        m = cosine_schedule(step, total_steps, *self.momentum)
         update_momentum(self.backbone, self.backbone_momentum, m=m)
         update_momentum(self.projection_head, self.projection_head_momentum, m=m)
         p0, p1 = self(x0), self(x1)
@@ -147,13 +152,29 @@ class BYOL(nn.Module):
         return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
 
 
-def build_ssl_model(method: str, backbone: nn.Module) -> nn.Module:
+def ssl_settings(method: str, overrides: Mapping[str, float] | None = None) -> dict[str, float]:
+    """`method`'s SETTINGS with `overrides` applied; an unknown method or setting is refused by name."""
+    if method not in SETTINGS:
+        raise ValueError(f"unknown SSL method {method!r}; known: {', '.join(SSL_METHODS)}")
+    unknown = sorted(set(overrides or {}) - set(SETTINGS[method]))
+    if unknown:
+        raise ValueError(f"{method} has no setting {', '.join(map(repr, unknown))}; its settings: "
+                         f"{', '.join(SETTINGS[method])}")
+    settings = {**SETTINGS[method], **{k: float(v) for k, v in (overrides or {}).items()}}
+    in_range = (settings["lr_scale"] > 0 and settings.get("temperature", 1.0) > 0
+                and 0 <= settings.get("momentum_base", 0.0) < 1)
+    if not in_range:
+        raise ValueError(f"{method}: settings out of range {settings} (lr_scale and temperature > 0, "
+                         "0 <= momentum_base < 1)")
+    return settings
+
+
+def build_ssl_model(method: str, backbone: nn.Module, overrides: Mapping[str, float] | None = None) -> nn.Module:
+    settings = ssl_settings(method, overrides)
     feature_dim = int(backbone.num_features)
     if method == "simclr":
-        return SimCLR(backbone, feature_dim)
-    if method == "byol":
-        return BYOL(backbone, feature_dim)
-    raise ValueError(f"unknown SSL method {method!r}; known: {', '.join(SSL_METHODS)}")
+        return SimCLR(backbone, feature_dim, temperature=settings["temperature"])
+    return BYOL(backbone, feature_dim, momentum_base=settings["momentum_base"])
 
 
 def sgd_lr(batch_size: int) -> float:
@@ -188,15 +209,17 @@ def train_ssl(
     seed: int = 0,
     num_workers: int = 0,
     augment: str = "tensor",
+    overrides: Mapping[str, float] | None = None,
     device: str | torch.device = "cpu",
     desc: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Pretrain `backbone` in place with `method` for exactly `steps` SGD steps of `batch_size` images (2 views each),
-    the views drawn by `augment` ("tensor": batched, "lightly": lightly's PIL transforms in a DataLoader).
+    the views drawn by `augment` ("tensor": batched, "lightly": lightly's PIL transforms in a DataLoader), with
+    `overrides` of the method's SETTINGS.
 
     Returns {"steps", "images", "views", "train_s" (loop wall time: data + compute), "step_s" (each step's wall
-    time, data loading included), "final_loss", "lr", "epochs", "augment"}.
+    time, data loading included), "final_loss", "lr", "epochs", "augment", "settings"}.
     """
     from training.run.schedule import cosine_with_warmup
 
@@ -204,11 +227,12 @@ def train_ssl(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if len(hf_dataset) < batch_size:
         raise ValueError(f"{method}: {len(hf_dataset)} images are fewer than one batch of {batch_size}")
+    settings = ssl_settings(method, overrides)
     torch.manual_seed(seed)
-    model = build_ssl_model(method, backbone).to(device)
+    model = build_ssl_model(method, backbone, settings).to(device)
     batches = two_view_stream(method, hf_dataset, augment, batch_size=batch_size, input_size=input_size, mean=mean,
                               std=std, seed=seed, num_workers=num_workers)
-    lr = sgd_lr(batch_size)
+    lr = sgd_lr(batch_size) * settings["lr_scale"]
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY)
     warmup = int(round(WARMUP_FRACTION * steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, steps, warmup))
@@ -237,4 +261,4 @@ def train_ssl(
     backbone.eval()
     return {"steps": steps, "images": steps * batch_size, "views": 2 * steps * batch_size, "train_s": train_s,
             "step_s": step_s, "final_loss": loss_value, "lr": lr, "epochs": steps * batch_size / len(hf_dataset),
-            "augment": augment}
+            "augment": augment, "settings": settings}
