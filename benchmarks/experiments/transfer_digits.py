@@ -1,0 +1,256 @@
+"""Transfer to another domain: the Fashion-MNIST backbones on handwritten digits, frozen and fine-tuned.
+
+    pip install scikit-learn      # its wheel ships the digits: no download
+    python benchmarks/experiments/transfer_digits.py --tag main_job_length --split validation --levels \
+        --backbone random=random --backbone pixels=pixels --backbone teacher=teacher \
+        --backbone dreamteacher=runs/fmnist_ablation/validation_187steps/all4_nozero_at3/export \
+        --backbone simclr=runs/ssl_tuning/main_job_length_defaults/simclr_seed0/backbone.safetensors
+
+Data: scikit-learn's `load_digits` (UCI optdigits' test set: 1,797 images of the digits 0-9 by 43 writers, 8x8
+pixels of 17 grey levels), written once as an image folder of 32x32 PNGs (bicubic upsampling, the recipe's input
+size) under `--data-root`: a fixed, class-balanced third is the test split (TEST_FRACTION, TEST_SEED), the rest is
+train, and `--split validation` scores on training/protocols/splits.py's fixed carve of that train split instead.
+Why this set: it is the one labelled image set of another domain (pen strokes, not garments) installable offline
+here, and none of our choices was made on it.
+
+Each `--backbone NAME=SOURCE` is scored by training/evaluate.py's protocols with the recipe's eval transform:
+linear probe and kNN on the pooled C5 features, and fine-tuning with FRACTIONS of the train labels. SOURCE is
+`random` (the recipe's init, seed 0), `pixels` (the normalised image, frozen protocols only), `teacher` (the recipe's
+teacher: its taps at the recipe's timestep, pooled and concatenated; frozen protocols only), an export folder
+(`model.safetensors`, as training/pretrain.py writes), or a backbone's `.safetensors` state dict (as
+indomain_fmnist.py saves SimCLR/BYOL). `--levels` adds, for each network backbone, the frozen protocols on each
+pyramid level alone (C2..C5, globally pooled) and on all four pooled and concatenated: which level carries what
+transfers. Use `--split validation` for such questions and `--split test` once per reported row.
+
+Output: `<out-dir>/<tag>.json` and `.md`, rewritten after every backbone; a rerun keeps the backbones already there
+(same settings).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from dreamteacher_models.recipes import DEFAULT_RECIPE, Recipe, get_recipe  # noqa: E402
+from training.protocols.segmentation import PYRAMID_STRIDES, Pyramid  # noqa: E402
+from training.protocols.splits import SPLITS, carve_validation_split  # noqa: E402
+from training.run.hardware import describe_machine  # noqa: E402
+from training.run.layout import write_text_atomic  # noqa: E402
+
+TEST_FRACTION = 1 / 3  # 599 of the 1,797 digits
+TEST_SEED = 0
+IMAGE_SIZE = 32
+FRACTIONS = (0.1, 1.0)  # fine-tune with about 12 labels per digit, and with all of them
+FT_EPOCHS = (40, 8)  # evaluate.py's epochs for its 1% and 10% runs: few images, more passes
+FROZEN_ONLY = ("pixels", "teacher")
+DONE_MARKER = "complete.json"
+
+logger = logging.getLogger("dreamteacher.bench.transfer_digits")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tag", required=True, help="results file name")
+    p.add_argument("--backbone", action="append", default=[], metavar="NAME=SOURCE",
+                   help="a backbone to score, repeatable; SOURCE: random, pixels, teacher, an export folder or a "
+                        ".safetensors state dict")
+    p.add_argument("--split", choices=SPLITS, default="validation",
+                   help="score on the validation carve of the digits' train split (default: for questions) or on "
+                        "their test split (reported rows)")
+    p.add_argument("--levels", action="store_true", help="also the frozen protocols on each pyramid level alone")
+    p.add_argument("--no-finetune", action="store_true", help="frozen protocols only")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"eval transform and init (default {DEFAULT_RECIPE})")
+    p.add_argument("--data-root", default="runs/transfer_digits/data", help="where the image folder is written")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: every core)")
+    p.add_argument("--out-dir", default="benchmarks/results/transfer_digits")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.sources = {}
+    for item in args.backbone:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            p.error(f"--backbone takes NAME=SOURCE, got {item!r}")
+        args.sources[name] = source
+    if not args.sources:
+        p.error("give at least one --backbone NAME=SOURCE")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 8, 8) in 0..255, labels int64 (N,)) from scikit-learn's bundled copy."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise SystemExit("the digits come with scikit-learn: pip install scikit-learn (or -e .[bench])") from e
+    digits = load_digits()
+    return np.round(digits.images * 255 / 16).astype(np.uint8), digits.target.astype(np.int64)
+
+
+def write_image_folder(images: np.ndarray, labels: np.ndarray, root: Path, size: int = IMAGE_SIZE) -> Path:
+    """`root`/{train,test}/<label>/<index>.png at `size` px (bicubic), test being the fixed class-balanced
+    TEST_FRACTION; written into a temporary folder renamed into place, so a half-written folder is never read.
+    A complete folder is kept as it is."""
+    from PIL import Image
+
+    if (root / DONE_MARKER).is_file():
+        return root
+    train_idx, test_idx = carve_validation_split(labels, TEST_FRACTION, TEST_SEED)
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for split, indices in (("train", train_idx), ("test", test_idx)):
+        for i in indices:
+            folder = partial / split / str(int(labels[i]))
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).resize((size, size), Image.BICUBIC).save(folder / f"{i:04d}.png")
+    write_text_atomic(partial / DONE_MARKER, json.dumps({"images": len(labels), "train": len(train_idx),
+                                                         "test": len(test_idx), "size": size}) + "\n")
+    shutil.rmtree(root, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    partial.rename(root)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backbones
+
+
+class PooledLevels(nn.Module):
+    """A timm CNN's pyramid levels at `strides`, each globally average-pooled, concatenated: (B, sum of channels)."""
+
+    def __init__(self, model: nn.Module, arch: str, strides: tuple[int, ...]):
+        super().__init__()
+        self.pyramid = Pyramid(model, arch, strides=strides)
+        self.num_features = int(sum(self.pyramid.channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([level.mean(dim=(2, 3)) for level in self.pyramid(x)], dim=1)
+
+
+def load_source(source: str, recipe: Recipe) -> nn.Module:
+    """The backbone `source` names (see the module docstring); a clear error for anything else."""
+    from benchmarks.experiments.indomain_fmnist import PooledTeacherFeatures, RawPixels, fresh_backbone
+
+    if source == "random":
+        return fresh_backbone(recipe, 0)
+    if source == "pixels":
+        return RawPixels(tuple(recipe.data.input_size))
+    if source == "teacher":
+        from training.teacher.build import build_teacher
+
+        return PooledTeacherFeatures(build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, device="cpu"))
+    path = Path(source)
+    if path.is_dir():
+        from training.run.backbones import load_backbone
+
+        return load_backbone(None, checkpoint=path, recipe=recipe)
+    if path.is_file() and path.suffix == ".safetensors":
+        import safetensors.torch
+
+        backbone = fresh_backbone(recipe, 0)
+        backbone.load_state_dict(safetensors.torch.load_file(str(path)))
+        return backbone
+    raise ValueError(f"backbone source {source!r} is none of: random, pixels, teacher, an export folder, a "
+                     ".safetensors file (no such folder or file)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def row_cells(results: dict[str, Any], keys: list[str]) -> str:
+    return " | ".join(f"{results[k]['top1']:.2f}" if k in results else "—" for k in keys)
+
+
+def render(report: dict[str, Any]) -> str:
+    from training.protocols.evaluation import fraction_key
+
+    keys = ["linear probe", "kNN k=20", *(fraction_key(f) for f in FRACTIONS)]
+    lines = [f"# Transfer to handwritten digits, {report['tag']}", "",
+             f"Top-1 on the digits' {report['split']} split ({report.get('scored_images', '?')} scored, "
+             f"{report.get('fit_images', '?')} fitting images, 32 px); backbones frozen except for fine-tuning.", "",
+             "| backbone | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, entry in report["backbones"].items():
+        lines.append(f"| {name} | {row_cells(entry['results'], keys)} |")
+    levels = {n: e["levels"] for n, e in report["backbones"].items() if e.get("levels")}
+    if levels:
+        names = list(next(iter(levels.values())))
+        lines += ["", "Each pyramid level alone, globally pooled (linear probe / kNN):", "",
+                  "| backbone | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for name, by_level in levels.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{r['linear probe']['top1']:.2f} / {r['kNN k=20']['top1']:.2f}" for r in by_level.values()) + " |")
+    lines += ["", f"Sources: `{json.dumps(report['sources'])}`", "", f"machine: {report['machine']}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from training.protocols.evaluation import EvalConfig, evaluate
+
+    torch.set_num_threads(args.threads)
+    recipe = get_recipe(args.recipe)
+    root = Path(args.data_root)
+    if not (root / DONE_MARKER).is_file():
+        write_image_folder(*load_sklearn_digits(), root)
+    settings = {"split": args.split, "levels": args.levels, "finetune": not args.no_finetune,
+                "recipe": recipe.name, "data": json.loads((root / DONE_MARKER).read_text())}
+    out_json = Path(args.out_dir) / f"{args.tag}.json"
+    report: dict[str, Any] = {"tag": args.tag, "split": args.split, "settings": settings, "sources": {},
+                              "backbones": {}}
+    if out_json.is_file():
+        report = json.loads(out_json.read_text())
+        if report["settings"] != settings:
+            raise SystemExit(f"{out_json} was made with other settings ({report['settings']}): use another --tag")
+    report["machine"] = describe_machine()
+    config = EvalConfig(data_dir=str(root), split=args.split, fractions=FRACTIONS, ft_epochs=FT_EPOCHS,
+                        threads=args.threads, device="cpu", progress=not args.no_progress)
+    frozen = replace(config, protocols="linear,knn")
+    for name, source in args.sources.items():
+        if name in report["backbones"]:
+            continue
+        logger.info("%s: %s", name, source)
+        whole = source in FROZEN_ONLY or args.no_finetune
+        entry = evaluate(load_source(source, recipe), frozen if whole else config, recipe=recipe)
+        if args.levels and source not in FROZEN_ONLY:
+            entry["levels"] = {}
+            for strides in [(s,) for s in PYRAMID_STRIDES] + [tuple(PYRAMID_STRIDES)]:
+                label = "+".join(f"C{s.bit_length() - 1}" for s in strides)  # stride 4 = 2**2 -> C2 ... 32 -> C5
+                module = PooledLevels(load_source(source, recipe), recipe.arch, strides)
+                entry["levels"][label] = evaluate(module, frozen, recipe=recipe)["results"]
+        report["backbones"][name] = {"results": entry["results"], "levels": entry.get("levels"),
+                                     "seconds": entry["seconds"]}
+        report["sources"][name] = source
+        report["fit_images"] = entry["settings"]["train_images"]
+        report["scored_images"] = entry["settings"]["test_images"]
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")
+        write_text_atomic(out_json.with_suffix(".md"), render(report))
+    print(render(report), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    from training.run.cli import run
+
+    run(main)

@@ -1,0 +1,86 @@
+"""benchmarks/experiments/transfer_digits.py: the digits written once as a fixed image folder, every backbone
+source, per-level features, and a validation run that never reads the digits' test split."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.experiments import transfer_digits as transfer
+from dreamteacher_models.recipes import get_recipe
+
+
+def fake_digits(n_per_class: int = 9) -> tuple[np.ndarray, np.ndarray]:
+    """Stand-ins for scikit-learn's 8x8 digits: class c lights up row c % 8, so the classes are separable."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), n_per_class)
+    images = rng.integers(0, 40, size=(len(labels), 8, 8)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        images[i, label % 8, :] = 255 if label < 8 else 128
+    return images, labels
+
+
+def test_the_folder_holds_a_fixed_class_balanced_third_as_test_and_is_written_once(tmp_path):
+    images, labels = fake_digits()
+    root = transfer.write_image_folder(images, labels, tmp_path / "digits")
+    facts = json.loads((root / transfer.DONE_MARKER).read_text())
+    assert facts == {"images": 90, "train": 60, "test": 30, "size": 32}
+    assert all(len(list((root / "test" / str(c)).glob("*.png"))) == 3 for c in range(10))
+    test_files = sorted(p.name for p in (root / "test").rglob("*.png"))
+    from PIL import Image
+
+    assert Image.open(next((root / "train").rglob("*.png"))).size == (32, 32)
+    # a complete folder is kept as it is; a second writer with other images would not change it
+    transfer.write_image_folder(images[::-1].copy(), labels, root)
+    assert sorted(p.name for p in (root / "test").rglob("*.png")) == test_files
+    assert not (tmp_path / "digits.partial").exists()
+
+
+def test_pooled_levels_give_each_pyramid_level_or_all_of_them():
+    recipe = get_recipe("resnet18.dreamteacher_fmnist")
+    backbone = transfer.load_source("random", recipe)
+    x = torch.randn(2, 3, 32, 32)
+    c2 = transfer.PooledLevels(backbone, recipe.arch, (4,))
+    every = transfer.PooledLevels(backbone, recipe.arch, (4, 8, 16, 32))
+    assert c2(x).shape == (2, 64) and c2.num_features == 64
+    assert every(x).shape == (2, 64 + 128 + 256 + 512)
+    torch.testing.assert_close(every(x)[:, :64], c2(x))
+
+
+def test_a_source_that_is_none_of_the_allowed_kinds_is_refused(tmp_path):
+    recipe = get_recipe("resnet18.dreamteacher_fmnist")
+    with pytest.raises(ValueError, match="'nowhere/model.pt' is none of: random, pixels, teacher"):
+        transfer.load_source("nowhere/model.pt", recipe)
+    saved = tmp_path / "backbone.safetensors"
+    import safetensors.torch
+
+    trained = transfer.load_source("random", recipe)
+    torch.nn.init.constant_(trained.conv1.weight, 0.5)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(saved))
+    loaded = transfer.load_source(str(saved), recipe)
+    torch.testing.assert_close(loaded.conv1.weight, trained.conv1.weight)
+
+
+@pytest.mark.slow
+def test_a_validation_run_scores_every_backbone_and_level_without_reading_test(tmp_path, monkeypatch):
+    import training.protocols.evaluation as evaluation
+
+    monkeypatch.setattr(transfer, "load_sklearn_digits", fake_digits)
+    read_splits = []
+    real_load_split = evaluation.load_split
+    monkeypatch.setattr(evaluation, "load_split",
+                        lambda data_dir, split, recipe: read_splits.append(split) or real_load_split(data_dir, split,
+                                                                                                       recipe))
+    report = transfer.main(["--tag", "v", "--backbone", "random=random", "--backbone", "pixels=pixels", "--levels",
+                            "--no-finetune", "--data-root", str(tmp_path / "digits"), "--out-dir", str(tmp_path),
+                            "--threads", "1", "--no-progress"])
+    assert set(read_splits) == {"train"}
+    assert report["fit_images"] == 50 and report["scored_images"] == 10  # a sixth of the 60 train digits
+    assert list(report["backbones"]["random"]["levels"]) == ["C2", "C3", "C4", "C5", "C2+C3+C4+C5"]
+    assert report["backbones"]["pixels"]["levels"] is None
+    assert report["backbones"]["pixels"]["results"]["kNN k=20"]["top1"] >= 90  # the fake classes are separable
+    table = (tmp_path / "v.md").read_text()
+    assert "| random |" in table and "C2+C3+C4+C5" in table
