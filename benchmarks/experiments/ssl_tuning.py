@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, help="the first N settings of each method's grid (default: all)")
     p.add_argument("--budget-minutes", type=float,
                    help="pretraining wall time per trial (default: the recipe's length of DreamTeacher steps, timed)")
+    p.add_argument("--calibration-steps", type=int, default=12,
+                   help="steps timed per method, DreamTeacher's included (default 12: the median of 11 shrugs off a "
+                        "passing load)")
     p.add_argument("--max-train", type=int, default=20000, help="evaluation fitting images (as fmnist_ablation.py)")
     p.add_argument("--max-test", type=int, default=5000, help="scored validation images (as fmnist_ablation.py)")
     p.add_argument("--seed", type=int, default=0)
@@ -81,6 +84,7 @@ def trial_argv(args, tag: str, methods: list[str], settings: dict[str, float] | 
     argv = ["--methods", ",".join(f"{m}:{args.seed}" for m in methods), "--tag", tag, "--resume",
             "--budget-minutes", str(args.budget_minutes), "--split", "validation", "--seed", str(args.seed),
             "--max-train", str(args.max_train), "--max-test", str(args.max_test),
+            "--calibration-steps", str(args.calibration_steps),
             "--out-dir", str(Path(args.out_dir) / "trials"), "--work-dir", args.work_dir]
     argv += ["--steps-from", steps_from] if steps_from else []
     argv += ["--data-dir", args.data_dir] if args.data_dir else []
@@ -130,8 +134,8 @@ def dreamteacher_budget(args) -> dict[str, Any]:
     from training.pretrain import training_length
     from training.run.hardware import cpu_threads_per_process
 
-    ns = indomain_fmnist.parse_args(["--calibration-steps", "8"] + (["--data-dir", args.data_dir] if args.data_dir
-                                                                    else []))
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    ns = indomain_fmnist.parse_args(["--calibration-steps", str(args.calibration_steps), *data])
     recipe = get_recipe(ns.recipe)
     steps, _ = training_length(argparse.Namespace(max_steps=None), recipe, recipe.data.num_images)
     seconds_per_step, _ = indomain_fmnist.calibrate_dreamteacher(
