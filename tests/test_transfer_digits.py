@@ -79,6 +79,7 @@ def test_a_validation_run_scores_every_backbone_and_level_without_reading_test(t
                             "--threads", "1", "--no-progress"])
     assert set(read_splits) == {"train"}
     assert report["fit_images"] == 50 and report["scored_images"] == 10  # a sixth of the 60 train digits
+    assert report["input_px"] == 32
     assert list(report["backbones"]["random"]["levels"]) == ["C2", "C3", "C4", "C5", "C2+C3+C4+C5"]
     assert report["backbones"]["pixels"]["levels"] is None
     assert report["backbones"]["pixels"]["results"]["kNN k=20"]["top1"] >= 90  # the fake classes are separable

@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dreamteacher_models.recipes import DEFAULT_RECIPE, Recipe, get_recipe  # noqa: E402
+from dreamteacher_models.recipes import DEFAULT_RECIPE, Recipe, apply_overrides, get_recipe  # noqa: E402
 from training.protocols.segmentation import PYRAMID_STRIDES, Pyramid  # noqa: E402
 from training.protocols.splits import SPLITS, carve_validation_split  # noqa: E402
 from training.run.hardware import describe_machine  # noqa: E402
@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--levels", action="store_true", help="also the frozen protocols on each pyramid level alone")
     p.add_argument("--no-finetune", action="store_true", help="frozen protocols only")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"eval transform and init (default {DEFAULT_RECIPE})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="recipe override, repeatable: e.g. --set 'data.input_size=(3,64,64)' for the dense "
+                        "benchmark's 64-px backbones (the 32-px digits are resized by the eval transform)")
     p.add_argument("--data-root", default="runs/transfer_digits/data", help="where the image folder is written")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: every core)")
     p.add_argument("--out-dir", default="benchmarks/results/transfer_digits")
@@ -186,7 +189,8 @@ def render(report: dict[str, Any]) -> str:
     keys = ["linear probe", "kNN k=20", *(fraction_key(f) for f in FRACTIONS)]
     lines = [f"# Transfer to handwritten digits, {report['tag']}", "",
              f"Top-1 on the digits' {report['split']} split ({report.get('scored_images', '?')} scored, "
-             f"{report.get('fit_images', '?')} fitting images, 32 px); backbones frozen except for fine-tuning.", "",
+             f"{report.get('fit_images', '?')} fitting images, at {report['input_px']} px); backbones frozen except "
+             "for fine-tuning.", "",
              "| backbone | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, entry in report["backbones"].items():
         lines.append(f"| {name} | {row_cells(entry['results'], keys)} |")
@@ -209,14 +213,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from training.protocols.evaluation import EvalConfig, evaluate
 
     torch.set_num_threads(args.threads)
-    recipe = get_recipe(args.recipe)
+    recipe = apply_overrides(get_recipe(args.recipe), args.overrides)
     root = Path(args.data_root)
     if not (root / DONE_MARKER).is_file():
         write_image_folder(*load_sklearn_digits(), root)
     settings = {"split": args.split, "levels": args.levels, "finetune": not args.no_finetune,
-                "recipe": recipe.name, "data": json.loads((root / DONE_MARKER).read_text())}
+                "recipe": recipe.name, "overrides": args.overrides,
+                "data": json.loads((root / DONE_MARKER).read_text())}
     out_json = Path(args.out_dir) / f"{args.tag}.json"
-    report: dict[str, Any] = {"tag": args.tag, "split": args.split, "settings": settings, "sources": {},
+    report: dict[str, Any] = {"tag": args.tag, "split": args.split, "input_px": recipe.data.input_size[-1],
+                              "settings": settings, "sources": {},
                               "backbones": {}}
     if out_json.is_file():
         report = json.loads(out_json.read_text())
