@@ -79,12 +79,27 @@ def parse_args(argv=None):
     return args
 
 
+def mean_score(result: dict) -> float:
+    """The choosing score: the mean of the four protocols' top-1 (as benchmarks/experiments/ssl_tuning.py)."""
+    return sum(result["scores"].get(k, float("nan")) for k in PROTOCOL_KEYS) / len(PROTOCOL_KEYS)
+
+
 def table(results: dict) -> str:
-    lines = ["| variant | " + " | ".join(PROTOCOL_KEYS) + " | train s | args |", "|---" * 7 + "|"]
+    best = max(results, key=lambda name: mean_score(results[name]), default=None)
+    lines = ["| variant | " + " | ".join(PROTOCOL_KEYS) + " | mean | train s | args |", "|---" * 8 + "|"]
     for name, r in results.items():
         scores = " | ".join(f"{r['scores'].get(k, float('nan')):.2f}" for k in PROTOCOL_KEYS)
-        lines.append(f"| {name} | {scores} | {r['train_seconds']:.0f} | `{' '.join(r['args'])}` |")
+        label = f"**{name}**" if name == best else name
+        lines.append(f"| {label} | {scores} | {mean_score(r):.2f} | {r['train_seconds']:.0f} | "
+                     f"`{' '.join(r['args'])}` |")
     return "\n".join(lines)
+
+
+def write_tables(report: dict, out_json: Path, split: str, max_test: int) -> None:
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_json.with_suffix(".md"), f"Top-1 on the {split} split ({max_test} images); **bold**: the "
+                      f"highest mean of the four.\n\n{table(report['results'])}\n\n{report.get('machine', '')}\n")
 
 
 def main(argv=None) -> dict:
@@ -115,11 +130,10 @@ def main(argv=None) -> dict:
         scores = {k: v["top1"] for k, v in ev["results"].items()}
         report["results"][name] = {"args": argv_run, "scores": scores, "train_seconds": train_s}
         report["machine"] = describe_machine()
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")
-        write_text_atomic(out_json.with_suffix(".md"), f"Top-1 on the {args.split} split ({args.max_test} images)."
-                          f"\n\n{table(report['results'])}\n\n{report['machine']}\n")
+        write_tables(report, out_json, args.split, args.max_test)
         print(table(report["results"]), flush=True)
+    if report["results"]:
+        write_tables(report, out_json, args.split, args.max_test)  # also re-renders a finished sweep's table
     return report
 
 

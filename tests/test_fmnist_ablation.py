@@ -1,0 +1,34 @@
+"""benchmarks/experiments/fmnist_ablation.py: the choosing score, and a finished sweep re-rendered without
+training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.experiments import fmnist_ablation
+
+
+def result(linear: float, knn: float, ft1: float, ft10: float) -> dict:
+    return {"args": ["--lr", "1e-3"], "train_seconds": 1.0,
+            "scores": dict(zip(fmnist_ablation.PROTOCOL_KEYS, (linear, knn, ft1, ft10), strict=True))}
+
+
+def test_the_best_mean_of_the_four_protocols_is_marked():
+    results = {"a": result(90, 80, 70, 80), "b": result(85, 85, 75, 81)}  # means 80.0 and 81.5
+    assert fmnist_ablation.mean_score(results["b"]) == pytest.approx(81.5)
+    text = fmnist_ablation.table(results)
+    assert "| **b** | 85.00 | 85.00 | 75.00 | 81.00 | 81.50 |" in text and "| a | " in text
+
+
+def test_a_finished_sweep_is_rerendered_without_training(tmp_path, monkeypatch):
+    import training.pretrain as pretrain
+
+    report = {"split": "validation", "results": {"recipe": result(90, 80, 70, 80)}, "machine": "m"}
+    (tmp_path / "t.json").write_text(json.dumps(report))
+    monkeypatch.setattr(pretrain, "main", lambda argv: pytest.fail("a finished variant was trained again"))
+    fmnist_ablation.main(["--tag", "t", "--variants", "recipe", "--out-dir", str(tmp_path)])
+    assert "| **recipe** |" in (tmp_path / "t.md").read_text()
+    with pytest.raises(SystemExit, match="scored on the validation split, not test"):
+        fmnist_ablation.main(["--tag", "t", "--split", "test", "--out-dir", str(tmp_path)])
