@@ -85,3 +85,22 @@ def test_a_validation_run_scores_every_backbone_and_level_without_reading_test(t
     assert report["backbones"]["pixels"]["results"]["kNN k=20"]["top1"] >= 90  # the fake classes are separable
     table = (tmp_path / "v.md").read_text()
     assert "| random |" in table and "C2+C3+C4+C5" in table
+
+
+@pytest.mark.slow
+def test_pooled_strides_feed_the_frozen_protocols_and_fine_tuning_keeps_the_whole_backbone(tmp_path, monkeypatch):
+    import training.protocols.evaluation as evaluation
+
+    monkeypatch.setattr(transfer, "load_sklearn_digits", fake_digits)
+    seen = []
+    real_evaluate = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda module, config, **kw: seen.append(
+        (type(module).__name__, config.protocols)) or real_evaluate(module, config, **kw))
+    report = transfer.main(["--tag", "p", "--backbone", "random=random", "--pool-strides", "8,16",
+                            "--data-root", str(tmp_path / "digits"), "--out-dir", str(tmp_path), "--threads", "1",
+                            "--no-progress"])
+    assert seen == [("PooledLevels", "linear,knn"), ("ResNet", "finetune")]
+    assert list(report["backbones"]["random"]["results"]) == ["linear probe", "kNN k=20", "fine-tune 10%",
+                                                              "fine-tune 100%"]
+    assert report["settings"]["pool_strides"] == [8, 16]
+    assert "frozen features: C3+C4 pooled" in (tmp_path / "p.md").read_text()

@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="score on the validation carve of the digits' train split (default: for questions) or on "
                         "their test split (reported rows)")
     p.add_argument("--levels", action="store_true", help="also the frozen protocols on each pyramid level alone")
+    p.add_argument("--pool-strides", type=lambda text: tuple(int(v) for v in text.split(",")),
+                   help="the frozen protocols' features: these pyramid levels' (e.g. 16 for C4, or 8,16), each "
+                        "globally pooled, concatenated (default: C5 pooled, timm's own); fine-tuning is unchanged")
     p.add_argument("--no-finetune", action="store_true", help="frozen protocols only")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"eval transform and init (default {DEFAULT_RECIPE})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -179,6 +182,14 @@ def load_source(source: str, recipe: Recipe) -> nn.Module:
 # Report
 
 
+def level_names(strides) -> str:
+    return "+".join(f"C{s.bit_length() - 1}" for s in strides)  # stride 4 = 2**2 -> C2 ... 32 -> C5
+
+
+def pooled_from(strides) -> str:
+    return f"{level_names(strides)} pooled" if strides else "C5 pooled (timm's pre-logits)"
+
+
 def row_cells(results: dict[str, Any], keys: list[str]) -> str:
     return " | ".join(f"{results[k]['top1']:.2f}" if k in results else "—" for k in keys)
 
@@ -190,7 +201,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"# Transfer to handwritten digits, {report['tag']}", "",
              f"Top-1 on the digits' {report['split']} split ({report.get('scored_images', '?')} scored, "
              f"{report.get('fit_images', '?')} fitting images, at {report['input_px']} px); backbones frozen except "
-             "for fine-tuning.", "",
+             f"for fine-tuning; frozen features: {pooled_from(report['settings'].get('pool_strides'))}.", "",
              "| backbone | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, entry in report["backbones"].items():
         lines.append(f"| {name} | {row_cells(entry['results'], keys)} |")
@@ -218,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not (root / DONE_MARKER).is_file():
         write_image_folder(*load_sklearn_digits(), root)
     settings = {"split": args.split, "levels": args.levels, "finetune": not args.no_finetune,
+                "pool_strides": list(args.pool_strides) if args.pool_strides else None,
                 "recipe": recipe.name, "overrides": args.overrides,
                 "data": json.loads((root / DONE_MARKER).read_text())}
     out_json = Path(args.out_dir) / f"{args.tag}.json"
@@ -226,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "backbones": {}}
     if out_json.is_file():
         report = json.loads(out_json.read_text())
+        report["settings"].setdefault("pool_strides", None)  # files from before the option pooled C5
         if report["settings"] != settings:
             raise SystemExit(f"{out_json} was made with other settings ({report['settings']}): use another --tag")
     report["machine"] = describe_machine()
@@ -236,12 +249,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name in report["backbones"]:
             continue
         logger.info("%s: %s", name, source)
-        whole = source in FROZEN_ONLY or args.no_finetune
-        entry = evaluate(load_source(source, recipe), frozen if whole else config, recipe=recipe)
-        if args.levels and source not in FROZEN_ONLY:
+        network = source not in FROZEN_ONLY
+        features = load_source(source, recipe)
+        if network and args.pool_strides:
+            features = PooledLevels(features, recipe.arch, args.pool_strides)
+        entry = evaluate(features, frozen, recipe=recipe)
+        if network and not args.no_finetune:
+            tuned = evaluate(load_source(source, recipe), replace(config, protocols="finetune"), recipe=recipe)
+            entry["results"].update(tuned["results"])
+        if args.levels and network:
             entry["levels"] = {}
             for strides in [(s,) for s in PYRAMID_STRIDES] + [tuple(PYRAMID_STRIDES)]:
-                label = "+".join(f"C{s.bit_length() - 1}" for s in strides)  # stride 4 = 2**2 -> C2 ... 32 -> C5
+                label = level_names(strides)
                 module = PooledLevels(load_source(source, recipe), recipe.arch, strides)
                 entry["levels"][label] = evaluate(module, frozen, recipe=recipe)["results"]
         report["backbones"][name] = {"results": entry["results"], "levels": entry.get("levels"),
