@@ -104,3 +104,11 @@ def test_pooled_strides_feed_the_frozen_protocols_and_fine_tuning_keeps_the_whol
                                                               "fine-tune 100%"]
     assert report["settings"]["pool_strides"] == [8, 16]
     assert "frozen features: C3+C4 pooled" in (tmp_path / "p.md").read_text()
+
+
+def test_the_level_choice_is_the_best_mean_over_backbones():
+    def scores(linear, knn):
+        return {"linear probe": {"top1": linear}, "kNN k=20": {"top1": knn}}
+
+    levels = {"a": {"C3": scores(90, 80), "C5": scores(95, 60)}, "b": {"C3": scores(92, 88), "C5": scores(96, 90)}}
+    assert transfer.level_means(levels) == {"C3": 87.5, "C5": 85.25}

@@ -190,6 +190,14 @@ def pooled_from(strides) -> str:
     return f"{level_names(strides)} pooled" if strides else "C5 pooled (timm's pre-logits)"
 
 
+def level_means(levels: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Per level set, the mean over backbones of (linear + kNN) / 2: one choice of pooled levels for every backbone
+    (made on validation, then `--pool-strides` on test)."""
+    names = list(next(iter(levels.values())))
+    return {level: float(np.mean([(by_level[level]["linear probe"]["top1"] + by_level[level]["kNN k=20"]["top1"]) / 2
+                                  for by_level in levels.values()])) for level in names}
+
+
 def row_cells(results: dict[str, Any], keys: list[str]) -> str:
     return " | ".join(f"{results[k]['top1']:.2f}" if k in results else "—" for k in keys)
 
@@ -213,8 +221,18 @@ def render(report: dict[str, Any]) -> str:
         for name, by_level in levels.items():
             lines.append(f"| {name} | " + " | ".join(
                 f"{r['linear probe']['top1']:.2f} / {r['kNN k=20']['top1']:.2f}" for r in by_level.values()) + " |")
+        means = level_means(levels)
+        best = max(means, key=means.get)
+        lines.append("| mean of linear and kNN, over the backbones | " + " | ".join(
+            f"**{v:.2f}**" if level == best else f"{v:.2f}" for level, v in means.items()) + " |")
     lines += ["", f"Sources: `{json.dumps(report['sources'])}`", "", f"machine: {report['machine']}", ""]
     return "\n".join(lines)
+
+
+def save(report: dict[str, Any], out_json: Path) -> None:
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_json.with_suffix(".md"), render(report))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -268,9 +286,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["sources"][name] = source
         report["fit_images"] = entry["settings"]["train_images"]
         report["scored_images"] = entry["settings"]["test_images"]
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")
-        write_text_atomic(out_json.with_suffix(".md"), render(report))
+        save(report, out_json)
+    if report["backbones"]:
+        save(report, out_json)  # also re-renders a finished run's table
     print(render(report), flush=True)
     return report
 
