@@ -50,6 +50,12 @@ def test_pooled_levels_give_each_pyramid_level_or_all_of_them():
     torch.testing.assert_close(every(x)[:, :64], c2(x))
 
 
+def test_fractions_outside_the_stated_epochs_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        transfer.parse_args(["--tag", "t", "--backbone", "r=random", "--fractions", "0.5"])
+    assert "--fractions: choose from 0.1,1.0" in capsys.readouterr().err
+
+
 def test_a_source_that_is_none_of_the_allowed_kinds_is_refused(tmp_path):
     recipe = get_recipe("resnet18.dreamteacher_fmnist")
     with pytest.raises(ValueError, match="'nowhere/model.pt' is none of: random, pixels, teacher"):
@@ -97,11 +103,11 @@ def test_pooled_strides_feed_the_frozen_protocols_and_fine_tuning_keeps_the_whol
     monkeypatch.setattr(evaluation, "evaluate", lambda module, config, **kw: seen.append(
         (type(module).__name__, config.protocols)) or real_evaluate(module, config, **kw))
     report = transfer.main(["--tag", "p", "--backbone", "random=random", "--pool-strides", "8,16",
-                            "--data-root", str(tmp_path / "digits"), "--out-dir", str(tmp_path), "--threads", "1",
-                            "--no-progress"])
+                            "--fractions", "0.1", "--seed", "3", "--data-root", str(tmp_path / "digits"),
+                            "--out-dir", str(tmp_path), "--threads", "1", "--no-progress"])
     assert seen == [("PooledLevels", "linear,knn"), ("ResNet", "finetune")]
-    assert list(report["backbones"]["random"]["results"]) == ["linear probe", "kNN k=20", "fine-tune 10%",
-                                                              "fine-tune 100%"]
+    assert list(report["backbones"]["random"]["results"]) == ["linear probe", "kNN k=20", "fine-tune 10%"]
+    assert report["settings"]["seed"] == 3
     assert report["settings"]["pool_strides"] == [8, 16]
     assert "frozen features: C3+C4 pooled" in (tmp_path / "p.md").read_text()
 

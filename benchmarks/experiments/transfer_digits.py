@@ -55,8 +55,10 @@ from training.run.layout import write_text_atomic  # noqa: E402
 TEST_FRACTION = 1 / 3  # 599 of the 1,797 digits
 TEST_SEED = 0
 IMAGE_SIZE = 32
-FRACTIONS = (0.1, 1.0)  # fine-tune with about 12 labels per digit, and with all of them
-FT_EPOCHS = (40, 8)  # evaluate.py's epochs for its 1% and 10% runs: few images, more passes
+# fine-tuning: label fraction -> epochs (evaluate.py's for its 1% and 10% runs: few images, more passes);
+# 10% is about 12 labels per digit
+FT_EPOCHS = {0.1: 40, 1.0: 8}
+FRACTIONS = tuple(FT_EPOCHS)
 FROZEN_ONLY = ("pixels", "teacher")
 DONE_MARKER = "complete.json"
 
@@ -76,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool-strides", type=lambda text: tuple(int(v) for v in text.split(",")),
                    help="the frozen protocols' features: these pyramid levels' (e.g. 16 for C4, or 8,16), each "
                         "globally pooled, concatenated (default: C5 pooled, timm's own); fine-tuning is unchanged")
+    p.add_argument("--fractions", type=lambda text: tuple(float(v) for v in text.split(",")), default=FRACTIONS,
+                   help=f"label fractions to fine-tune with, from {','.join(map(str, FRACTIONS))} (default: both)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="evaluation seed: the fine-tuning label subsets, heads and order, the probe's hold-out")
     p.add_argument("--no-finetune", action="store_true", help="frozen protocols only")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"eval transform and init (default {DEFAULT_RECIPE})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -86,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="benchmarks/results/transfer_digits")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if not args.fractions or set(args.fractions) - set(FRACTIONS):
+        p.error(f"--fractions: choose from {','.join(map(str, FRACTIONS))}, got {args.fractions}")
     args.sources = {}
     for item in args.backbone:
         name, sep, source = item.partition("=")
@@ -205,11 +213,12 @@ def row_cells(results: dict[str, Any], keys: list[str]) -> str:
 def render(report: dict[str, Any]) -> str:
     from training.protocols.evaluation import fraction_key
 
-    keys = ["linear probe", "kNN k=20", *(fraction_key(f) for f in FRACTIONS)]
+    keys = ["linear probe", "kNN k=20", *(fraction_key(f) for f in report["settings"].get("fractions", FRACTIONS))]
     lines = [f"# Transfer to handwritten digits, {report['tag']}", "",
              f"Top-1 on the digits' {report['split']} split ({report.get('scored_images', '?')} scored, "
              f"{report.get('fit_images', '?')} fitting images, at {report['input_px']} px); backbones frozen except "
-             f"for fine-tuning; frozen features: {pooled_from(report['settings'].get('pool_strides'))}.", "",
+             f"for fine-tuning; frozen features: {pooled_from(report['settings'].get('pool_strides'))}; evaluation "
+             f"seed {report['settings'].get('seed', 0)}.", "",
              "| backbone | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, entry in report["backbones"].items():
         lines.append(f"| {name} | {row_cells(entry['results'], keys)} |")
@@ -246,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     root = Path(args.data_root)
     if not (root / DONE_MARKER).is_file():
         write_image_folder(*load_sklearn_digits(), root)
-    settings = {"split": args.split, "levels": args.levels, "finetune": not args.no_finetune,
+    settings = {"split": args.split, "levels": args.levels, "finetune": not args.no_finetune, "seed": args.seed,
+                "fractions": list(args.fractions),
                 "pool_strides": list(args.pool_strides) if args.pool_strides else None,
                 "recipe": recipe.name, "overrides": args.overrides,
                 "data": json.loads((root / DONE_MARKER).read_text())}
@@ -256,12 +266,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "backbones": {}}
     if out_json.is_file():
         report = json.loads(out_json.read_text())
-        report["settings"].setdefault("pool_strides", None)  # files from before the option pooled C5
+        for key, value in (("pool_strides", None), ("seed", 0), ("fractions", list(FRACTIONS))):
+            report["settings"].setdefault(key, value)  # files from before the option: its default
         if report["settings"] != settings:
             raise SystemExit(f"{out_json} was made with other settings ({report['settings']}): use another --tag")
     report["machine"] = describe_machine()
-    config = EvalConfig(data_dir=str(root), split=args.split, fractions=FRACTIONS, ft_epochs=FT_EPOCHS,
-                        threads=args.threads, device="cpu", progress=not args.no_progress)
+    config = EvalConfig(data_dir=str(root), split=args.split, fractions=args.fractions,
+                        ft_epochs=[FT_EPOCHS[f] for f in args.fractions],
+                        seed=args.seed, threads=args.threads, device="cpu", progress=not args.no_progress)
     frozen = replace(config, protocols="linear,knn")
     for name, source in args.sources.items():
         if name in report["backbones"]:
