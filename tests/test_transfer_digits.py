@@ -118,3 +118,25 @@ def test_the_level_choice_is_the_best_mean_over_backbones():
 
     levels = {"a": {"C3": scores(90, 80), "C5": scores(95, 60)}, "b": {"C3": scores(92, 88), "C5": scores(96, 90)}}
     assert transfer.level_means(levels) == {"C3": 87.5, "C5": 85.25}
+
+
+def run_report(seed: int, scores: dict[str, float], fractions=(0.1,)) -> dict:
+    settings = {"split": "test", "levels": False, "finetune": True, "seed": seed, "fractions": list(fractions),
+                "pool_strides": None, "recipe": "r", "overrides": [], "data": {}}
+    return {"split": "test", "settings": settings, "sources": {n: n for n in scores}, "machine": "m",
+            "backbones": {n: {"results": {"fine-tune 10%": {"top1": v}}} for n, v in scores.items()}}
+
+
+def test_combined_seeds_give_mean_and_range_and_refuse_other_settings(tmp_path):
+    for seed, scores in ((0, {"dt": 90.0, "simclr": 87.0}), (1, {"dt": 86.0, "simclr": 84.0})):
+        (tmp_path / f"s{seed}.json").write_text(json.dumps(run_report(seed, scores)))
+    report = transfer.main(["--tag", "both", "--combine", "s0,s1", "--out-dir", str(tmp_path)])
+    assert report["rows"]["dt"]["fine-tune 10%"] == [90.0, 86.0]
+    assert "| dt | 88.00 (86.00-90.00) |" in (tmp_path / "both.md").read_text()
+    other = run_report(2, {"dt": 80.0})
+    other["settings"]["pool_strides"] = [8]
+    (tmp_path / "s2.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="differ in more than the evaluation seed"):
+        transfer.main(["--tag", "bad", "--combine", "s0,s2", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="repeat one"):
+        transfer.main(["--tag", "bad", "--combine", "s0,s0", "--out-dir", str(tmp_path)])

@@ -68,6 +68,9 @@ logger = logging.getLogger("dreamteacher.bench.transfer_digits")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tag", required=True, help="results file name")
+    p.add_argument("--combine", metavar="TAG,TAG,...",
+                   help="instead of evaluating: the mean and range over these earlier runs (e.g. evaluation seeds) "
+                        "of every backbone and protocol they share, written as --tag")
     p.add_argument("--backbone", action="append", default=[], metavar="NAME=SOURCE",
                    help="a backbone to score, repeatable; SOURCE: random, pixels, teacher, an export folder or a "
                         ".safetensors state dict")
@@ -100,8 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not sep or not name or not source:
             p.error(f"--backbone takes NAME=SOURCE, got {item!r}")
         args.sources[name] = source
-    if not args.sources:
-        p.error("give at least one --backbone NAME=SOURCE")
+    if not args.sources and not args.combine:
+        p.error("give at least one --backbone NAME=SOURCE (or --combine)")
     return args
 
 
@@ -238,6 +241,48 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """A report's settings, with the default of each option added since (files from before it ran with it)."""
+    for key, value in (("pool_strides", None), ("seed", 0), ("fractions", list(FRACTIONS))):
+        settings.setdefault(key, value)
+    return settings
+
+
+def combine(tags: list[str], out_dir: Path, tag: str) -> dict[str, Any]:
+    """Mean, min and max over the runs `tags` of each (backbone, protocol) they all have; refuses runs that differ in
+    anything but the evaluation seed and the fractions, or that share a seed."""
+    runs = []
+    for name in tags:
+        path = out_dir / f"{name}.json"
+        if not path.is_file():
+            raise SystemExit(f"--combine: no {path}")
+        runs.append(json.loads(path.read_text()))
+    rest = [{k: v for k, v in with_defaults(r["settings"]).items() if k not in ("seed", "fractions")} for r in runs]
+    seeds = [r["settings"].get("seed", 0) for r in runs]
+    if any(r != rest[0] for r in rest) or len(set(seeds)) < len(seeds):
+        raise SystemExit(f"--combine: {tags} differ in more than the evaluation seed, or repeat one: {seeds}")
+    rows = {}
+    for name in runs[0]["backbones"]:
+        if all(name in r["backbones"] and r["sources"][name] == runs[0]["sources"][name] for r in runs):
+            shared = [k for k in runs[0]["backbones"][name]["results"]
+                      if all(k in r["backbones"][name]["results"] for r in runs)]
+            rows[name] = {k: [r["backbones"][name]["results"][k]["top1"] for r in runs] for k in shared}
+    report = {"tag": tag, "combined": tags, "seeds": seeds, "rows": rows, "split": runs[0]["split"],
+              "machine": runs[-1]["machine"]}
+    keys = list(next(iter(rows.values())))
+    lines = [f"# Transfer to handwritten digits, {tag}", "",
+             f"Top-1 on the digits' {report['split']} split: mean (min-max) over evaluation seeds {seeds} "
+             f"({', '.join(tags)}).", "", "| backbone | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, by_key in rows.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{np.mean(v):.2f} ({min(v):.2f}-{max(v):.2f})" for v in by_key.values()) + " |")
+    lines += ["", f"machine: {report['machine']}", ""]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / f"{tag}.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_dir / f"{tag}.md", "\n".join(lines))
+    return report
+
+
 def save(report: dict[str, Any], out_json: Path) -> None:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")
@@ -248,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.combine:
+        return combine([t for t in args.combine.split(",") if t], Path(args.out_dir), args.tag)
     from training.protocols.evaluation import EvalConfig, evaluate
 
     torch.set_num_threads(args.threads)
@@ -266,8 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "backbones": {}}
     if out_json.is_file():
         report = json.loads(out_json.read_text())
-        for key, value in (("pool_strides", None), ("seed", 0), ("fractions", list(FRACTIONS))):
-            report["settings"].setdefault(key, value)  # files from before the option: its default
+        with_defaults(report["settings"])
         if report["settings"] != settings:
             raise SystemExit(f"{out_json} was made with other settings ({report['settings']}): use another --tag")
     report["machine"] = describe_machine()
