@@ -20,7 +20,10 @@ teacher: its taps at the recipe's timestep, pooled and concatenated; frozen prot
 (`model.safetensors`, as training/pretrain.py writes), or a backbone's `.safetensors` state dict (as
 indomain_fmnist.py saves SimCLR/BYOL). `--levels` adds, for each network backbone, the frozen protocols on each
 pyramid level alone (C2..C5, globally pooled) and on all four pooled and concatenated: which level carries what
-transfers. Use `--split validation` for such questions and `--split test` once per reported row.
+transfers; its last row (the mean over backbones of linear and kNN) chooses one level set, which `--pool-strides`
+then feeds to the frozen protocols. Use `--split validation` for such questions and `--split test` once per
+reported row. Few-label fine-tuning varies with the evaluation seed: rerun with `--seed N --fractions 0.1` and
+`--combine TAG,TAG,... --tag T` for the mean and range.
 
 Output: `<out-dir>/<tag>.json` and `.md`, rewritten after every backbone; a rerun keeps the backbones already there
 (same settings).
