@@ -312,8 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "data": json.loads((root / DONE_MARKER).read_text())}
     out_json = Path(args.out_dir) / f"{args.tag}.json"
     report: dict[str, Any] = {"tag": args.tag, "split": args.split, "input_px": recipe.data.input_size[-1],
-                              "settings": settings, "sources": {},
-                              "backbones": {}}
+                              "settings": settings, "sources": {}, "backbones": {}}
     if out_json.is_file():
         report = json.loads(out_json.read_text())
         with_defaults(report["settings"])
@@ -329,19 +328,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         logger.info("%s: %s", name, source)
         network = source not in FROZEN_ONLY
-        features = load_source(source, recipe)
-        if network and args.pool_strides:
-            features = PooledLevels(features, recipe.arch, args.pool_strides)
+        model = load_source(source, recipe)  # loaded once: fine-tuning trains a copy, the frozen wrappers read it
+        features = PooledLevels(model, recipe.arch, args.pool_strides) if network and args.pool_strides else model
         entry = evaluate(features, frozen, recipe=recipe)
         if network and not args.no_finetune:
-            tuned = evaluate(load_source(source, recipe), replace(config, protocols="finetune"), recipe=recipe)
+            tuned = evaluate(model, replace(config, protocols="finetune"), recipe=recipe)
             entry["results"].update(tuned["results"])
         if args.levels and network:
-            entry["levels"] = {}
-            for strides in [(s,) for s in PYRAMID_STRIDES] + [tuple(PYRAMID_STRIDES)]:
-                label = level_names(strides)
-                module = PooledLevels(load_source(source, recipe), recipe.arch, strides)
-                entry["levels"][label] = evaluate(module, frozen, recipe=recipe)["results"]
+            entry["levels"] = {
+                level_names(strides): evaluate(PooledLevels(model, recipe.arch, strides), frozen,
+                                               recipe=recipe)["results"]
+                for strides in [(s,) for s in PYRAMID_STRIDES] + [tuple(PYRAMID_STRIDES)]}
         report["backbones"][name] = {"results": entry["results"], "levels": entry.get("levels"),
                                      "seconds": entry["seconds"]}
         report["sources"][name] = source
