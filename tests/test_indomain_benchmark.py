@@ -115,30 +115,27 @@ def test_steps_from_takes_an_earlier_runs_step_counts_at_the_same_budget_only(tm
              "simclr": {"steps_timed": 6, "seconds_per_step": 0.88, "steps": 2056}}
     (tmp_path / "b30.json").write_text(json.dumps({"settings": settings, "calibration": calib}))
     taken = bench.calibration_from(tmp_path / "b30.json", dict(settings), {"dreamteacher"})
-    assert taken == {"dreamteacher": {**calib["dreamteacher"], "steps_from": str(tmp_path / "b30.json")}}
+    assert taken == {"dreamteacher": {**calib["dreamteacher"], "steps_from": str(tmp_path / "b30.json"),
+                                      "threads": 2}}
     line = bench.settings_line({"calibration": taken, "settings": {
         **settings, "steps_from": "b30", "entries": [], "num_workers": 0, "recipe": "r", "teacher": "t",
         "timestep": 50, "overrides": []}})
-    assert f"dreamteacher 1711 steps taken from {tmp_path / 'b30.json'} (its 1.050 s/step)" in line
-    for key, value in [("budget_minutes", 10), ("batch_size", 64), ("pretrain_images", 10000), ("threads", 1),
-                       ("device", "cuda")]:
+    assert f"dreamteacher 1711 steps taken from {tmp_path / 'b30.json'} (its 1.050 s/step at 2 threads)" in line
+    for key, value in [("budget_minutes", 10), ("batch_size", 64), ("pretrain_images", 10000), ("device", "cuda")]:
         with pytest.raises(SystemExit, match=rf"{key}: {settings[key]!r} then, {value!r} now"):
             bench.calibration_from(tmp_path / "b30.json", {**settings, key: value}, {"dreamteacher"})
     with pytest.raises(SystemExit, match=r"no .*b5\.json; the tags there: b30"):
         bench.calibration_from(tmp_path / "b5.json", settings, {"dreamteacher"})
 
 
-def test_a_run_with_steps_from_trains_those_steps_without_timing_anything(tmp_path, monkeypatch):
+def test_a_budget_timed_once_by_calibrate_only_is_trained_later_at_other_threads(tmp_path, monkeypatch):
+    """--calibrate-only times and trains nothing else; a later --steps-from run (pinned to one thread) trains those
+    steps without timing anything, and says at how many threads the budget was measured."""
     from benchmarks.experiments import indomain_fmnist as bench
     from training.protocols import evaluation as evaluate_module
     from training.teacher import build as teacher_build
 
     out = tmp_path / "out"
-    out.mkdir()
-    old = {"settings": {"budget_minutes": 30.0, "batch_size": 16, "pretrain_images": None, "threads": 1,
-                        "device": "cpu"},
-           "calibration": {"dreamteacher": {"steps_timed": 6, "seconds_per_step": 1.05, "steps": 1711}}}
-    (out / "b30.json").write_text(json.dumps(old))
     trained = {}
 
     def refuse_timing(*args, **kwargs):
@@ -150,19 +147,25 @@ def test_a_run_with_steps_from_trains_those_steps_without_timing_anything(tmp_pa
 
     evaluation = {"results": {"linear probe": {"top1": 50.0}},
                   "settings": {"train_images": 1, "test_images": 1, "fine_tune": {}, "knn": {}}}
-    monkeypatch.setattr(bench, "calibrate_dreamteacher", refuse_timing)
+    monkeypatch.setattr(bench, "calibrate_dreamteacher", lambda *a, **k: (1.05, 12.6))
     monkeypatch.setattr(bench, "pretrain_dreamteacher", fake_pretrain)
     monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: evaluation)
     monkeypatch.setattr(bench, "load_pretrain_images", lambda args, recipe: [None] * 64)
     monkeypatch.setattr(bench, "matmul_gflops", lambda: 1.0)
     monkeypatch.setattr(teacher_build, "build_teacher", lambda *a, **k: "teacher")
-    bench.main(["--budget-minutes", "30", "--batch-size", "16", "--threads", "1", "--device", "cpu",
-                "--methods", "dreamteacher:0", "--steps-from", "b30", "--tag", "new", "--out-dir", str(out),
-                "--work-dir", str(tmp_path / "work"), "--no-progress"])
-    assert trained == {0: 1711}
+    common = ["--budget-minutes", "30", "--batch-size", "16", "--device", "cpu", "--methods", "dreamteacher:0",
+              "--out-dir", str(out), "--work-dir", str(tmp_path / "work"), "--no-progress"]
+    bench.main([*common, "--threads", "2", "--tag", "b30", "--calibrate-only"])
+    assert trained == {}
+    assert json.loads((out / "b30.json").read_text())["methods"] == {}
+
+    monkeypatch.setattr(bench, "calibrate_dreamteacher", refuse_timing)
+    report = bench.main([*common, "--threads", "1", "--steps-from", "b30", "--tag", "new"])
+    assert trained == {0: 1714}  # floor(1800 s / 1.05 s)
     saved = json.loads((out / "new.json").read_text())
-    assert saved["settings"]["steps_from"] == "b30"
+    assert saved["settings"]["steps_from"] == "b30" and saved["settings"]["threads"] == 1
     assert saved["calibration"]["dreamteacher"]["steps_from"] == str(out / "b30.json")
+    assert "(its 1.050 s/step at 2 threads)" in bench.settings_line(report)
 
 
 @pytest.mark.parametrize("zero_init_last", [False, True])
@@ -206,3 +209,29 @@ def test_ssl_set_is_checked_against_each_methods_settings(capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(["--ssl-set", bad])
         assert message in capsys.readouterr().err
+
+
+def test_calibration_rounds_take_turns_and_size_each_method_by_its_median_round(tmp_path, monkeypatch):
+    """A slow spell of the host lands on every method alike: the methods are timed in turns, and each gets the
+    median of its rounds, not its last or its first."""
+    from benchmarks.experiments import indomain_fmnist as bench
+
+    order, times = [], {"simclr": iter([1.0, 3.0, 1.2]), "byol": iter([2.0, 2.2, 9.0])}
+
+    def fake_calibrate(method, *args, **kwargs):
+        order.append(method)
+        return next(times[method]), 0.0
+
+    monkeypatch.setattr(bench, "calibrate_method", fake_calibrate)
+    monkeypatch.setattr(bench, "load_pretrain_images", lambda args, recipe: [None] * 64)
+    monkeypatch.setattr(bench, "matmul_gflops", lambda: 1.0)
+    report = bench.main(["--budget-minutes", "1", "--threads", "1", "--device", "cpu", "--methods", "simclr,byol",
+                         "--calibration-rounds", "3", "--calibrate-only", "--tag", "c", "--out-dir",
+                         str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--no-progress"])
+    assert order == ["simclr", "byol"] * 3
+    assert report["calibration"]["simclr"]["seconds_per_step"] == 1.2
+    assert report["calibration"]["simclr"]["steps"] == 50  # floor(60 s / 1.2 s)
+    assert report["calibration"]["byol"]["seconds_per_step_by_round"] == [2.0, 2.2, 9.0]
+    assert report["calibration"]["byol"]["steps"] == 27  # floor(60 s / 2.2 s)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--calibration-rounds", "0"])

@@ -34,10 +34,13 @@ first step, with start-up, is left out); each of its entries then gets steps = f
 (dreamteacher-cached: floor((budget - cache build time) / seconds-per-step), the build time being the wall-time
 difference between a calibration run that builds the cache and one that reuses it)
 and runs a complete LR schedule of that length from a fresh init. Calibrating all methods up front, one after the
-other, keeps them measured under the same load; the training itself then does a fixed number of steps, so a
-busy host changes its wall time, not its result. The table reports the steps, the loop time and source images/s
-(SimCLR/BYOL draw 2 augmented views per image; DreamTeacher's step includes the teacher's forward) and, for
-DreamTeacher, the teacher's own training cost (from the teacher folder's README). All methods use the same batch
+other (`--calibration-rounds R`: R times, taking turns, each method sized by its median round), keeps them measured
+under the same load; the training itself then does a fixed number of steps, so a busy host changes its wall time,
+not its result. `--calibrate-only` stops after timing: a budget measured once on a quiet machine then sizes later
+runs (`--steps-from`), which may use other threads, e.g. one process pinned to each core. The table reports the
+steps, the loop time and source images/s (SimCLR/BYOL draw 2 augmented views per image; DreamTeacher's step
+includes the teacher's forward) and, for DreamTeacher, the teacher's own training cost (from the teacher folder's
+README). All methods use the same batch
 (`--batch-size`, default the recipe's) and the same DataLoader workers, and every core (`--threads`, default all).
 
 Evaluation: training/evaluate.py's `evaluate` with all protocols (linear probe, kNN k=20, fine-tune with 1% and 10%
@@ -120,7 +123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue the run of this tag: keep its finished entries and calibration")
     p.add_argument("--steps-from", metavar="TAG",
                    help="take the budgeted methods' step counts from the earlier run TAG (in --out-dir) instead of "
-                        "timing them, to compare a changed teacher or recipe at the same steps")
+                        "timing them, to compare a changed teacher or recipe at the same steps, or to run at other "
+                        "threads (pinned to a core) the budget TAG measured")
+    p.add_argument("--calibrate-only", action="store_true",
+                   help="time the budgeted methods of --methods, write the step counts to <tag>.json and stop: a "
+                        "budget measured once on a quiet machine, for later runs' --steps-from")
     p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"table + JSON folder (default {DEFAULT_OUT_DIR})")
     p.add_argument("--work-dir", default=DEFAULT_WORK_DIR,
                    help=f"trained backbones and the DreamTeacher runs (default {DEFAULT_WORK_DIR})")
@@ -139,6 +146,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"byol.lr_scale=2); settings: {SETTINGS}")
     t.add_argument("--calibration-steps", type=int, default=6,
                    help="steps timed per method to size its schedule (default 6; the first is not counted)")
+    t.add_argument("--calibration-rounds", type=int, default=1,
+                   help="time the methods this many times, taking turns, and size each by its median round "
+                        "(default 1; use 3-5 on a noisy shared host)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--split", choices=SPLITS, default="test",
                    help="score on test (default: this table reports) or on the validation carve of train: use "
@@ -155,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--budget-minutes must be > 0")
     if args.calibration_steps < 2:
         p.error("--calibration-steps must be >= 2 (the first step is not counted)")
+    if args.calibration_rounds < 1:
+        p.error(f"--calibration-rounds must be >= 1, got {args.calibration_rounds}")
     try:
         args.ssl_settings = parse_ssl_overrides(args.ssl_overrides)
     except ValueError as err:
@@ -336,6 +348,16 @@ def calibrate_dreamteacher(args, batch_size: int, teacher: str, threads: int, wo
     return sec_per_step, wall_s
 
 
+def calibrate_method(method: str, args, recipe: Recipe, hf_train, batch_size: int, device: str, teacher: str,
+                     threads: int, work: Path) -> tuple[float, float]:
+    """(median seconds per step, seconds of cache build charged to the budget) of one calibration of `method`."""
+    if method == "dreamteacher":
+        return calibrate_dreamteacher(args, batch_size, teacher, threads, work)[0], 0.0
+    if method == "dreamteacher-cached":
+        return calibrate_dreamteacher_cached(args, batch_size, teacher, threads, work)
+    return calibrate_ssl(method, args, recipe, hf_train, batch_size, device), 0.0
+
+
 def feature_cache_dir(work: Path, seed: int) -> Path:
     """dreamteacher-cached's cache: one per seed (the seed keys the cached encodings' noise)."""
     return work / f"feature_cache_seed{seed}"
@@ -465,7 +487,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 def settings_line(report: dict[str, Any]) -> str:
     s = report["settings"]
     ev = s.get("evaluation", {})
-    calib = ", ".join(f"{m} {c['steps']} steps taken from {c['steps_from']} (its {c['seconds_per_step']:.3f} s/step)"
+    calib = ", ".join(f"{m} {c['steps']} steps taken from {c['steps_from']} (its {c['seconds_per_step']:.3f} s/step"
+                      + (f" at {c['threads']} threads)" if "threads" in c else ")")
                       if c.get("steps_from") else f"{m} {c['seconds_per_step']:.3f} s/step -> {c['steps']} steps"
                       for m, c in report.get("calibration", {}).items())
     return (f"budget {s['budget_minutes']:g} min per method ({calib or 'no budgeted method'}), batch "
@@ -504,19 +527,19 @@ def setting_differences(then: dict[str, Any], now: dict[str, Any], keys) -> list
 
 def calibration_from(path: Path, settings: dict[str, Any], methods: set[str]) -> dict[str, Any]:
     """The step counts the earlier run at `path` calibrated for `methods`, each marked with where it came from;
-    refused when that run had another budget, batch, pretraining set, threads or device (its steps would not be
-    this run's budget)."""
+    refused when that run had another budget, batch, pretraining set or device (its steps would not be this run's
+    budget). Its threads may differ: they set the budget's wall time, this run's only how long it takes."""
     if not path.is_file():
         tags = sorted(p.stem for p in path.parent.glob("*.json"))
         raise SystemExit(f"--steps-from: no {path}; the tags there: {', '.join(tags) or 'none'}")
     old = json.loads(path.read_text())
-    same = ("budget_minutes", "batch_size", "pretrain_images", "threads", "device")
+    same = ("budget_minutes", "batch_size", "pretrain_images", "device")
     same += ("ssl_augment",) if methods & set(SSL_METHODS) else ()  # the views set SimCLR's and BYOL's speed
     diffs = setting_differences(old["settings"], settings, same)
     if diffs:
         raise SystemExit(f"--steps-from: {path} was run with another budget ({'; '.join(diffs)})")
-    return {method: {**calib, "steps_from": str(path)} for method, calib in old.get("calibration", {}).items()
-            if method in methods}
+    return {method: {**calib, "steps_from": str(path), "threads": old["settings"]["threads"]}
+            for method, calib in old.get("calibration", {}).items() if method in methods}
 
 
 def resumed_report(report: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -570,7 +593,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "batch_size": batch_size, "num_workers": args.num_workers, "ssl_augment": args.ssl_augment,
                      "ssl_overrides": args.ssl_settings,
                      "threads": threads,
-                     "calibration_steps": args.calibration_steps, "seed": args.seed, "recipe": recipe.name,
+                     "calibration_steps": args.calibration_steps, "calibration_rounds": args.calibration_rounds,
+                     "seed": args.seed, "recipe": recipe.name,
                      "overrides": args.overrides, "teacher": teacher_source, "timestep": recipe.teacher.timestep,
                      "data": args.data_dir or recipe.data.name, "pretrain_images": args.pretrain_images,
                      "max_train": args.max_train, "max_test": args.max_test, "split": args.split,
@@ -603,22 +627,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logger.info("teacher: %s", teacher)
 
     t_start = time.perf_counter()
-    for method in (m for m in BUDGETED if m in methods and m not in report["calibration"]):
-        build_s = 0.0
-        if method == "dreamteacher":
-            sec, _ = calibrate_dreamteacher(args, batch_size, teacher_source, threads, work)
-        elif method == "dreamteacher-cached":
-            sec, build_s = calibrate_dreamteacher_cached(args, batch_size, teacher_source, threads, work)
-        else:
-            sec = calibrate_ssl(method, args, recipe, hf_train, batch_size, device)
-        torch.set_num_threads(threads)  # whatever the trainer's Accelerator did
-        report["calibration"][method] = {"steps_timed": args.calibration_steps, "seconds_per_step": round(sec, 4),
+    pending = [m for m in BUDGETED if m in methods and m not in report["calibration"]]
+    timed: dict[str, list[tuple[float, float]]] = {m: [] for m in pending}
+    for _ in range(args.calibration_rounds):  # interleaved, so a slow spell of the host slows every method alike
+        for method in pending:
+            timed[method].append(calibrate_method(method, args, recipe, hf_train, batch_size, device, teacher_source,
+                                                  threads, work))
+            torch.set_num_threads(threads)  # whatever the trainer's Accelerator did
+    for method in pending:
+        sec = statistics.median(s for s, _ in timed[method])
+        build_s = statistics.median(b for _, b in timed[method])
+        report["calibration"][method] = {"steps_timed": args.calibration_steps, "rounds": args.calibration_rounds,
+                                         "seconds_per_step": round(sec, 4),
+                                         "seconds_per_step_by_round": [round(s, 4) for s, _ in timed[method]],
                                          "steps": steps_for_budget(sec, budget_s - build_s)}
         if method == "dreamteacher-cached":
             report["calibration"][method]["cache_build_s"] = round(build_s, 1)
         logger.info("%s: %.3f s/step measured -> %d steps for %.0f s (the budget less %.0f s of cache build)",
                     method, sec, report["calibration"][method]["steps"], budget_s - build_s, build_s)
+    if pending:
         write_report(report, out_dir, tag)
+    if args.calibrate_only:
+        print("\n" + settings_line(report))
+        return report
 
     for method, seed in args.entries:
         key = entry_key(method, seed)
