@@ -235,3 +235,54 @@ def test_calibration_rounds_take_turns_and_size_each_method_by_its_median_round(
     assert report["calibration"]["byol"]["steps"] == 27  # floor(60 s / 2.2 s)
     with pytest.raises(SystemExit):
         bench.parse_args(["--calibration-rounds", "0"])
+
+
+def _run(tag: str, entries: dict[str, float], threads: int = 1, **settings) -> dict:
+    """A finished indomain_fmnist report whose every protocol scores `entries[key]`."""
+    from benchmarks.experiments import indomain_fmnist as bench
+
+    methods = {}
+    for key, top1 in entries.items():
+        method, seed = key.split("/seed")
+        methods[key] = {"method": method, "seed": int(seed), "pretrain": {"steps": 10, "train_s": 1.0},
+                        "evaluation": {"results": {k: {"top1": top1} for k in bench.protocol_keys()}}}
+    base = {"budget_minutes": 30.0, "batch_size": 128, "pretrain_images": None, "ssl_augment": "tensor",
+            "recipe": "r", "overrides": [], "teacher": "t", "timestep": 50, "data": "d", "max_train": None,
+            "max_test": None, "split": "test", "ft_epochs": None, "input_size": [3, 32, 32], "zero_init_last": False,
+            "threads": threads, "num_workers": 0, "entries": list(entries), "ssl_overrides": {},
+            "evaluation": {"train_images": 60000, "test_images": 10000}}
+    calibration = {m: {"steps": 10, "seconds_per_step": 1.0} for m in {e.split("/")[0] for e in entries}}
+    return {"tag": tag, "settings": {**base, **settings}, "calibration": calibration, "methods": methods,
+            "machine": {"facts": "test machine", "matmul_gflops": [1.0]}}
+
+
+def test_combine_puts_each_methods_seeds_run_apart_into_one_table_with_mean_rows(tmp_path):
+    from benchmarks.experiments import indomain_fmnist as bench
+
+    out = tmp_path / "out"
+    out.mkdir()
+    runs = {"dt": _run("dt", {"dreamteacher/seed0": 90.0, "dreamteacher/seed1": 92.0}),
+            "ssl": _run("ssl", {"simclr/seed0": 85.0, "simclr/seed1": 86.0}, threads=2,
+                        ssl_overrides={"simclr": {"lr_scale": 0.5}}),
+            "other_budget": _run("other_budget", {"byol/seed0": 80.0}, budget_minutes=5.0),
+            "again": _run("again", {"dreamteacher/seed1": 91.0}),
+            "short": _run("short", {"dreamteacher/seed2": 89.0})}
+    runs["short"]["calibration"]["dreamteacher"]["steps"] = 9
+    for name, run in runs.items():
+        (out / f"{name}.json").write_text(json.dumps(run))
+    report = bench.main(["--combine", "dt,ssl", "--tag", "both", "--out-dir", str(out)])
+    assert list(report["methods"]) == ["dreamteacher/seed0", "dreamteacher/seed1", "simclr/seed0", "simclr/seed1"]
+    table = (out / "both.md").read_text()
+    assert "| DreamTeacher, mean | 0,1 | | | | | **91.00** (90.00, 92.00)" in table
+    assert "**85.50** (85.00, 86.00)" in table and "SSL settings {'simclr': {'lr_scale': 0.5}}" in table
+    assert "1/2 threads" in table
+    with pytest.raises(SystemExit, match="other_budget differs from dt .budget_minutes: 30.0 then, 5.0 now"):
+        bench.main(["--combine", "dt,other_budget", "--tag", "x", "--out-dir", str(out)])
+    with pytest.raises(SystemExit, match="dreamteacher/seed1 is in more than one"):
+        bench.main(["--combine", "dt,again", "--tag", "x", "--out-dir", str(out)])
+    with pytest.raises(SystemExit, match="short gave dreamteacher 9 steps, another run 10"):
+        bench.main(["--combine", "dt,short", "--tag", "x", "--out-dir", str(out)])
+    with pytest.raises(SystemExit, match="no .*missing.json; the tags there: again, both, dt, other_budget, short"):
+        bench.main(["--combine", "dt,missing", "--tag", "x", "--out-dir", str(out)])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--combine", "dt,ssl"])  # no --tag

@@ -5,6 +5,12 @@
     python benchmarks/experiments/indomain_fmnist.py --methods dreamteacher --set teacher.timestep=250 --tag t250
     python benchmarks/experiments/indomain_fmnist.py --budget-minutes 30 --tag b30_full --resume \
         --methods dreamteacher:0,simclr:0,byol:0,random,pixels,dreamteacher-recipe,dreamteacher:1,simclr:1
+    # one budget timed on a quiet machine, then each method's seeds pinned to a core, then one table
+    python benchmarks/experiments/indomain_fmnist.py --budget-minutes 30 --calibration-rounds 5 --calibrate-only \
+        --methods dreamteacher,simclr,byol --tag b30_budget
+    taskset -c 0 python benchmarks/experiments/indomain_fmnist.py --budget-minutes 30 --threads 1 \
+        --steps-from b30_budget --methods dreamteacher:0,dreamteacher:1,dreamteacher:2 --tag b30_dt --resume
+    python benchmarks/experiments/indomain_fmnist.py --combine b30_dt,b30_ssl --tag b30_three_seeds
 
 Every backbone is timm `resnet18` (num_classes=0), trained and evaluated on the same 32x32 RGB Fashion-MNIST train
 split with the recipe's normalisation (resnet18.dreamteacher_fmnist; `--set` overrides apply to the whole comparison:
@@ -125,6 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="take the budgeted methods' step counts from the earlier run TAG (in --out-dir) instead of "
                         "timing them, to compare a changed teacher or recipe at the same steps, or to run at other "
                         "threads (pinned to a core) the budget TAG measured")
+    p.add_argument("--combine", metavar="TAG,TAG,...",
+                   help="train nothing: write --tag as the entries of these earlier runs (same budget, data and "
+                        "evaluation), with mean rows across them")
     p.add_argument("--calibrate-only", action="store_true",
                    help="time the budgeted methods of --methods, write the step counts to <tag>.json and stop: a "
                         "budget measured once on a quiet machine, for later runs' --steps-from")
@@ -165,6 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--budget-minutes must be > 0")
     if args.calibration_steps < 2:
         p.error("--calibration-steps must be >= 2 (the first step is not counted)")
+    if args.combine and not args.tag:
+        p.error("--combine needs --tag, the name of the combined table")
     if args.calibration_rounds < 1:
         p.error(f"--calibration-rounds must be >= 1, got {args.calibration_rounds}")
     try:
@@ -542,6 +553,48 @@ def calibration_from(path: Path, settings: dict[str, Any], methods: set[str]) ->
             for method, calib in old.get("calibration", {}).items() if method in methods}
 
 
+COMBINE_SETTINGS = ("budget_minutes", "batch_size", "pretrain_images", "ssl_augment", "recipe", "overrides", "teacher",
+                    "timestep", "data", "max_train", "max_test", "split", "ft_epochs", "input_size", "zero_init_last")
+
+
+def combine_runs(tags: list[str], out_dir: Path, tag: str) -> dict[str, Any]:
+    """One report of the entries of the runs `tags` (e.g. each method's seeds run pinned to its own core), with the
+    mean rows across them; refuses runs that differ in budget, data, recipe or evaluation, that gave a method other
+    step counts, or that repeat an entry."""
+    runs = []
+    for name in tags:
+        path = out_dir / f"{name}.json"
+        if not path.is_file():
+            raise SystemExit(f"--combine: no {path}; the tags there: "
+                             f"{', '.join(sorted(p.stem for p in out_dir.glob('*.json'))) or 'none'}")
+        runs.append(json.loads(path.read_text()))
+    first = runs[0]
+    report = {"tag": tag, "combined": tags, "settings": {**first["settings"], "entries": [], "ssl_overrides": {}},
+              "calibration": {}, "methods": {},
+              "machine": {"facts": "; ".join(dict.fromkeys(r["machine"]["facts"] for r in runs)),
+                          "matmul_gflops": [g for r in runs for g in r["machine"]["matmul_gflops"]]}}
+    for name, run in zip(tags, runs, strict=True):
+        diffs = setting_differences(first["settings"], run["settings"], COMBINE_SETTINGS)
+        if diffs:
+            raise SystemExit(f"--combine: {name} differs from {tags[0]} ({'; '.join(diffs)})")
+        for method, calib in run.get("calibration", {}).items():
+            kept = report["calibration"].setdefault(method, calib)
+            if kept["steps"] != calib["steps"]:
+                raise SystemExit(f"--combine: {name} gave {method} {calib['steps']} steps, another run {kept['steps']}")
+        for key, entry in run["methods"].items():
+            if key in report["methods"]:
+                raise SystemExit(f"--combine: {key} is in more than one of {', '.join(tags)}")
+            report["methods"][key] = entry
+            report["settings"]["entries"].append(key)
+            if entry["method"] in run["settings"].get("ssl_overrides", {}):
+                report["settings"]["ssl_overrides"][entry["method"]] = run["settings"]["ssl_overrides"][entry["method"]]
+    threads = sorted({r["settings"]["threads"] for r in runs})
+    report["settings"]["threads"] = "/".join(map(str, threads))
+    write_report(report, out_dir, tag)
+    print("\n" + render(report))
+    return report
+
+
 def resumed_report(report: dict[str, Any], path: Path) -> dict[str, Any]:
     """`report` with the finished entries and calibration of the earlier run at `path`; refuses other settings."""
     old = json.loads(path.read_text())
@@ -566,6 +619,8 @@ def resumed_report(report: dict[str, Any], path: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.combine:
+        return combine_runs([t for t in args.combine.split(",") if t.strip()], Path(args.out_dir), args.tag)
     from training.protocols.evaluation import EvalConfig, evaluate
     from training.run.hardware import cpu_threads_per_process
 
