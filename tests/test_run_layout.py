@@ -135,6 +135,8 @@ def test_write_text_atomic_replaces_whole_and_a_failed_write_keeps_the_old_conte
         write_text_atomic(path, "half \ud800")  # fails while writing the temporary file
     assert path.read_text() == "new\n"  # the old content, whole
     assert os.listdir(tmp_path) == ["recipe.json"]  # and the half-written temporary file removed
+    write_text_atomic(tmp_path / "new" / "folders" / "report.md", "made\n")  # its folder is made
+    assert (tmp_path / "new" / "folders" / "report.md").read_text() == "made\n"
 
 
 def test_atomic_file_renames_what_the_block_wrote_or_removes_it_when_the_block_raises(tmp_path):

@@ -28,7 +28,6 @@ if __package__ in (None, ""):  # `python training/probe_teacher.py` puts trainin
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
@@ -46,7 +45,7 @@ from training.protocols.classification import knn_classify, linear_probe  # noqa
 from training.protocols.evaluation import load_scored_splits, subsample  # noqa: E402
 from training.protocols.splits import SPLITS  # noqa: E402
 from training.run.hardware import machine_info  # noqa: E402
-from training.run.layout import write_text_atomic  # noqa: E402
+from training.run.layout import write_report  # noqa: E402
 from training.run.schedule import noise_seed  # noqa: E402
 
 logger = logging.getLogger("dreamteacher.probe_teacher")
@@ -197,9 +196,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         report = {"teacher": source, "recipe": recipe.name, "rows": rows, "machine": machine_info(),
                   "settings": {k: v for k, v in vars(args).items() if k != "out"},
                   "seconds": round(time.perf_counter() - started, 1)}
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out, json.dumps(report, indent=2) + "\n")
+        write_report(args.out, report)
     return rows
 
 

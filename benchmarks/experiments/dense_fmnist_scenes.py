@@ -70,6 +70,7 @@ from benchmarks.experiments.indomain_fmnist import (  # noqa: E402
     fresh_backbone,
     pretrain_dreamteacher,
     pretrain_ssl,
+    saved_backbone,
     steps_for_budget,
 )
 from benchmarks.experiments.ssl_baselines import AUGMENTS  # noqa: E402
@@ -265,18 +266,10 @@ def load_dense_report(out_dir: Path, tag: str, methods: list[str]) -> dict[str, 
 
 def pretrained_backbone(method: str, report: dict[str, Any], recipe: Recipe) -> nn.Module:
     """The seeded resnet18 init, with `method`'s pretrained weights from `report` unless method is "random"."""
-    backbone = fresh_backbone(recipe, 0)
     if method == "random":
-        return backbone
+        return fresh_backbone(recipe, 0)
     info = report["pretraining"][method]
-    if "weights" in info:
-        import safetensors.torch
-
-        backbone.load_state_dict(safetensors.torch.load_file(info["weights"]))
-        return backbone
-    from training.run.backbones import load_backbone
-
-    return load_backbone(None, checkpoint=Path(info["run_dir"]) / "export", recipe=recipe)
+    return saved_backbone(Path(info["weights"]) if "weights" in info else Path(info["run_dir"]) / "export", recipe)
 
 
 def pyramid_maker(method: str, report: dict[str, Any], recipe: Recipe,
@@ -363,7 +356,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["machine"] = describe_machine()
 
     def save() -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
         write_text_atomic(out_dir / f"{args.tag}.md", render(report))
 

@@ -96,7 +96,6 @@ def table(results: dict) -> str:
 
 
 def write_tables(report: dict, out_json: Path, split: str, max_test: int) -> None:
-    out_json.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")
     write_text_atomic(out_json.with_suffix(".md"), f"Top-1 on the {split} split ({max_test} images); **bold**: the "
                       f"highest mean of the four.\n\n{table(report['results'])}\n\n{report.get('machine', '')}\n")

@@ -161,7 +161,6 @@ def dreamteacher_budget(args) -> dict[str, Any]:
 
 def write_summary(summary: dict[str, Any], out_dir: Path) -> None:
     summary["chosen"] = chosen(summary["trials"])
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / f"{summary['tag']}.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(out_dir / f"{summary['tag']}.md", render(summary))
 

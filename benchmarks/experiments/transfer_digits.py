@@ -167,7 +167,7 @@ class PooledLevels(nn.Module):
 
 def load_source(source: str, recipe: Recipe) -> nn.Module:
     """The backbone `source` names (see the module docstring); a clear error for anything else."""
-    from benchmarks.experiments.indomain_fmnist import PooledTeacherFeatures, RawPixels, fresh_backbone
+    from benchmarks.experiments.indomain_fmnist import PooledTeacherFeatures, RawPixels, fresh_backbone, saved_backbone
 
     if source == "random":
         return fresh_backbone(recipe, 0)
@@ -178,16 +178,8 @@ def load_source(source: str, recipe: Recipe) -> nn.Module:
 
         return PooledTeacherFeatures(build_teacher(recipe.teacher, recipe.data.mean, recipe.data.std, device="cpu"))
     path = Path(source)
-    if path.is_dir():
-        from training.run.backbones import load_backbone
-
-        return load_backbone(None, checkpoint=path, recipe=recipe)
-    if path.is_file() and path.suffix == ".safetensors":
-        import safetensors.torch
-
-        backbone = fresh_backbone(recipe, 0)
-        backbone.load_state_dict(safetensors.torch.load_file(str(path)))
-        return backbone
+    if path.is_dir() or (path.is_file() and path.suffix == ".safetensors"):
+        return saved_backbone(path, recipe)
     raise ValueError(f"backbone source {source!r} is none of: random, pixels, teacher, an export folder, a "
                      ".safetensors file (no such folder or file)")
 
@@ -280,14 +272,12 @@ def combine(tags: list[str], out_dir: Path, tag: str) -> dict[str, Any]:
         lines.append(f"| {name} | " + " | ".join(
             f"{np.mean(v):.2f} ({min(v):.2f}-{max(v):.2f})" for v in by_key.values()) + " |")
     lines += ["", f"machine: {report['machine']}", ""]
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / f"{tag}.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out_dir / f"{tag}.md", "\n".join(lines))
     return report
 
 
 def save(report: dict[str, Any], out_json: Path) -> None:
-    out_json.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")
     write_text_atomic(out_json.with_suffix(".md"), render(report))
 

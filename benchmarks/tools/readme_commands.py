@@ -126,7 +126,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "threads_line": threads.group(0) if threads else None},
         "tests": {"wall_s": round(test_wall, 1), "status": test_status, **pytest_summary(test_out)},
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / f"{args.tag}.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out_dir / f"{args.tag}.md", render(report))
     print(render(report))

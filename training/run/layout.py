@@ -217,7 +217,9 @@ def atomic_file(path: Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` through a temporary file and a rename: a reader sees the old or the new content, never half."""
+    """Write `path` (its folder made) through a temporary file and a rename: a reader sees the old or the new
+    content, never half."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         tmp.write_text(text)
 
@@ -225,7 +227,6 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_report(path: str | Path, report: Mapping[str, Any]) -> Path:
     """A command's JSON report (`--out`), its folder made, written atomically; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(report, indent=2) + "\n")
     return path
 
