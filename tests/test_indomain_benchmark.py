@@ -4,6 +4,7 @@ reported."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,3 +287,43 @@ def test_combine_puts_each_methods_seeds_run_apart_into_one_table_with_mean_rows
         bench.main(["--combine", "dt,missing", "--tag", "x", "--out-dir", str(out)])
     with pytest.raises(SystemExit):
         bench.parse_args(["--combine", "dt,ssl"])  # no --tag
+
+
+def test_a_dreamteacher_entry_killed_midway_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    """pretrain_dreamteacher keeps a run folder that holds a checkpoint and asks the trainer to resume it (steps
+    logged twice around the kill count once); a folder without one starts afresh."""
+    from benchmarks.experiments import indomain_fmnist as bench
+    from dreamteacher_models.recipes import DEFAULT_RECIPE, get_recipe
+    from training import pretrain
+    from training.run import backbones
+
+    recipe = get_recipe(DEFAULT_RECIPE)
+    args = bench.parse_args(["--threads", "1"])
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        out = Path(argv[argv.index("--output-dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "metrics.jsonl").open("a") as f:  # the trainer appends: steps 3-4 again after a kill at step 4
+            for step in (3, 4, 5, 6):
+                f.write(json.dumps({"step": step, "images_per_s": 8.0, "loss/loss": 1.0 / step}) + "\n")
+
+    monkeypatch.setattr(pretrain, "main", fake_main)
+    monkeypatch.setattr(backbones, "load_backbone", lambda *a, **k: torch.nn.Identity())
+    run = tmp_path / "dreamteacher_seed0"
+    (run / "checkpoints" / "step_2").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "images_per_s": 4.0, "loss/loss": 1.0}) + "\n"
+                                               for s in (1, 2, 3, 4)))
+    _, info = bench.pretrain_dreamteacher(0, 6, args, recipe, 16, "teacher", 1, run, 64)
+    argv = calls[-1]
+    assert argv[argv.index("--resume") + 1] == "latest"
+    assert argv[argv.index("--checkpoint-every") + 1] == str(bench.DT_CHECKPOINT_EVERY)
+    assert info["steps"] == 6 and info["train_s"] == 2 * 4.0 + 4 * 2.0  # steps 1-2 at 4 s, 3-6 at 2 s (the rerun)
+    assert info["final_loss"] == 1.0 / 6
+
+    fresh = tmp_path / "killed_before_its_first_checkpoint"
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text(json.dumps({"step": 1, "images_per_s": 1.0, "loss/loss": 9.0}) + "\n")
+    _, info = bench.pretrain_dreamteacher(0, 6, args, recipe, 16, "teacher", 1, fresh, 64)
+    assert info["steps"] == 4  # only the new run's rows: the old folder was cleared

@@ -229,3 +229,42 @@ def test_an_unknown_or_out_of_range_setting_is_refused_by_name():
         ssl_settings("simclr", {"temperature": 0})
     with pytest.raises(ValueError, match="unknown SSL method 'moco'"):
         ssl_settings("moco")
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_a_run_killed_midway_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch, method):
+    """The seeded views are drawn again up to the checkpoint, the model, optimiser and schedule restored: stopped at
+    step 5 and resumed from step 4, the weights (BYOL's momentum target included) equal a run never stopped."""
+    data = TinySet(8)
+    data.images = [Image.fromarray(a[0].numpy(), mode="L") for a in gray_batch(8)]
+    kwargs = dict(steps=6, batch_size=4, input_size=2, mean=MEAN, std=STD, progress=False)
+    torch.manual_seed(0)
+    straight_model = tiny_backbone()
+    straight = train_ssl(method, straight_model, data, **kwargs)
+
+    checkpoint = tmp_path / "training_state.pt"
+    real_step, calls = torch.optim.SGD.step, []
+
+    def killed_at_step_5(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", killed_at_step_5)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        train_ssl(method, tiny_backbone(), data, checkpoint=checkpoint, checkpoint_every=2, **kwargs)
+    assert torch.load(checkpoint, weights_only=True)["step"] == 4
+    monkeypatch.setattr(torch.optim.SGD, "step", real_step)
+    torch.manual_seed(0)
+    resumed_model = tiny_backbone()
+    resumed = train_ssl(method, resumed_model, data, checkpoint=checkpoint, checkpoint_every=2, **kwargs)
+    for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert resumed["final_loss"] == straight["final_loss"] and len(resumed["step_s"]) == 6
+
+    with pytest.raises(ValueError, match=r"another run's \(steps: 6 there, 7 here\)"):
+        train_ssl(method, tiny_backbone(), data, checkpoint=checkpoint, **{**kwargs, "steps": 7})
+    with pytest.raises(ValueError, match="only tensor views resume exactly"):
+        train_ssl(method, tiny_backbone(), data, checkpoint=checkpoint, augment="lightly", **kwargs)

@@ -100,6 +100,7 @@ LABELS = {"random": "random init", "pixels": "raw pixels (reference)", "simclr":
           "dreamteacher-recipe": "DreamTeacher at the recipe's length (main job)",
           "teacher": "teacher features (reference)"}
 # settings a --resume must share with the run it continues
+DT_CHECKPOINT_EVERY = 100  # steps between a DreamTeacher entry's checkpoints (about 2-4 minutes on a CPU)
 RESUME_SETTINGS = ("budget_minutes", "batch_size", "num_workers", "calibration_steps", "recipe", "overrides",
                    "teacher", "timestep", "data", "pretrain_images", "max_train", "max_test", "split", "ft_epochs",
                    "threads", "steps_from", "ssl_augment", "ssl_overrides")
@@ -255,6 +256,20 @@ def fresh_backbone(recipe: Recipe, seed: int) -> nn.Module:
     return build_backbone(recipe)
 
 
+def saved_backbone(weights: Path, recipe: Recipe) -> nn.Module:
+    """A backbone these benchmarks saved: a training/pretrain.py export folder, or a .safetensors state dict of the
+    recipe's backbone (SimCLR/BYOL's backbone.safetensors) put into the seeded init."""
+    if weights.is_dir():
+        from training.run.backbones import load_backbone
+
+        return load_backbone(None, checkpoint=weights, recipe=recipe)
+    import safetensors.torch
+
+    backbone = fresh_backbone(recipe, 0)
+    backbone.load_state_dict(safetensors.torch.load_file(str(weights)))
+    return backbone
+
+
 class RawPixels(nn.Module):
     """The normalised image itself, flattened: the no-learning reference for the frozen-feature protocols."""
 
@@ -301,13 +316,17 @@ def pretrain_ssl(method: str, seed: int, steps: int, args, recipe: Recipe, hf_tr
     from benchmarks.experiments.ssl_baselines import train_ssl
 
     backbone = fresh_backbone(recipe, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    # checkpointed (tensor views resume exactly), so an entry killed midway continues when the benchmark is resumed
+    checkpoint = folder / "training_state.pt" if args.ssl_augment == "tensor" else None
     t0 = time.perf_counter()
-    out = train_ssl(method, backbone, hf_train, steps=steps, desc=f"{method} seed {seed}",
+    out = train_ssl(method, backbone, hf_train, steps=steps, desc=f"{method} seed {seed}", checkpoint=checkpoint,
                     **_ssl_kwargs(method, args, recipe, batch_size, device, seed))
     wall_s = time.perf_counter() - t0
-    folder.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file({k: v.contiguous() for k, v in backbone.state_dict().items()},
                                 str(folder / "backbone.safetensors"))
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)  # the entry is done: its weights are saved above
     info = {"steps": steps, "batch_size": batch_size, "images": out["images"], "views": out["views"],
             "epochs": round(out["epochs"], 3), "train_s": round(out["train_s"], 2), "wall_s": round(wall_s, 2),
             "images_per_s": round(out["images"] / out["train_s"], 2), "final_loss": out["final_loss"],
@@ -319,10 +338,10 @@ def pretrain_ssl(method: str, seed: int, steps: int, args, recipe: Recipe, hf_tr
 
 
 def _dreamteacher_argv(args, seed: int, batch_size: int, output_dir: Path, steps: int | None, teacher: str,
-                       threads: int) -> list[str]:
+                       threads: int, checkpoint_every: int = 0) -> list[str]:
     argv = ["--recipe", args.recipe, "--output-dir", str(output_dir), "--batch-size", str(batch_size),
             "--num-workers", str(args.num_workers), "--seed", str(seed), "--threads", str(threads),
-            "--checkpoint-every", "0", "--log-every", "1", "--teacher", teacher]
+            "--checkpoint-every", str(checkpoint_every), "--log-every", "1", "--teacher", teacher]
     if steps is not None:
         argv += ["--max-steps", str(steps)]
     if args.data_dir:
@@ -335,7 +354,9 @@ def _dreamteacher_argv(args, seed: int, batch_size: int, output_dir: Path, steps
 
 
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """metrics.jsonl's rows, one per step: a resumed run logs again the steps after its checkpoint, the last kept."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return list({row["step"]: row for row in rows}.values())
 
 
 def _step_seconds(run_dir: Path, batch_size: int) -> list[float]:
@@ -389,14 +410,17 @@ def calibrate_dreamteacher_cached(args, batch_size: int, teacher: str, threads: 
 def pretrain_dreamteacher(seed: int, steps: int | None, args, recipe: Recipe, batch_size: int, teacher: str,
                           threads: int, run_dir: Path, num_images: int, extra_argv: tuple[str, ...] = ()
                           ) -> tuple[nn.Module, dict[str, Any]]:
-    """training/pretrain.py for `steps` steps (None: the recipe's own length) from a fresh run folder."""
+    """training/pretrain.py for `steps` steps (None: the recipe's own length), checkpointed, so a run killed midway
+    continues from its last checkpoint when the benchmark is resumed (a folder without one starts afresh)."""
     from training import pretrain
     from training.run.backbones import load_backbone
+    from training.run.layout import checkpoint_dirs
 
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run (metrics.jsonl is appended to)
+    if not checkpoint_dirs(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run (metrics.jsonl is appended to)
     t0 = time.perf_counter()
-    pretrain.main(_dreamteacher_argv(args, seed, batch_size, run_dir, steps, teacher, threads)
-                  + ["--feature-images", "4", *extra_argv])
+    pretrain.main(_dreamteacher_argv(args, seed, batch_size, run_dir, steps, teacher, threads, DT_CHECKPOINT_EVERY)
+                  + ["--feature-images", "4", "--resume", "latest", *extra_argv])
     wall_s = time.perf_counter() - t0
     step_s = _step_seconds(run_dir, batch_size)
     train_s = sum(step_s)
@@ -522,7 +546,6 @@ def render(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: Path, tag: str) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     md, js = out_dir / f"{tag}.md", out_dir / f"{tag}.json"
     report["table"] = format_table(report["methods"])
     for path, text in ((md, f"# In-domain Fashion-MNIST, {tag}\n\n" + render(report)),

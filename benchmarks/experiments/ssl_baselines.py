@@ -32,6 +32,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -196,6 +197,31 @@ def two_view_stream(method: str, hf_dataset, augment: str, *, batch_size: int, i
     return (batch for _ in itertools.count() for batch in loader)
 
 
+def save_ssl_checkpoint(path: Path, run: dict[str, Any], step: int, model: nn.Module, optimizer, scheduler,
+                        step_s: list[float], loss: float) -> None:
+    """The training state after `step` steps, written atomically (a kill leaves the previous checkpoint whole)."""
+    from training.run.layout import atomic_file
+
+    state = {"run": run, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "step_s": step_s, "loss": loss}
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_ssl_checkpoint(path: Path, run: dict[str, Any], model: nn.Module, optimizer, scheduler
+                        ) -> tuple[int, list[float], float]:
+    """(steps done, their step times, last loss) of the checkpoint at `path`, its state put into model, optimizer and
+    scheduler; refused, naming the differences, when it belongs to another run."""
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+    if state["run"] != run:
+        diffs = [f"{k}: {state['run'].get(k)!r} there, {v!r} here" for k, v in run.items() if state["run"].get(k) != v]
+        raise ValueError(f"checkpoint {path} is another run's ({'; '.join(diffs)}); delete it or use another folder")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], list(state["step_s"]), state["loss"]
+
+
 def train_ssl(
     method: str,
     backbone: nn.Module,
@@ -213,13 +239,18 @@ def train_ssl(
     device: str | torch.device = "cpu",
     desc: str | None = None,
     progress: bool = True,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 100,
 ) -> dict[str, Any]:
     """Pretrain `backbone` in place with `method` for exactly `steps` SGD steps of `batch_size` images (2 views each),
     the views drawn by `augment` ("tensor": batched, "lightly": lightly's PIL transforms in a DataLoader), with
-    `overrides` of the method's SETTINGS.
+    `overrides` of the method's SETTINGS. With `checkpoint` (tensor views only), the state is saved there every
+    `checkpoint_every` steps and a run that finds one continues from it: the same views, so the same weights as a
+    run never stopped.
 
-    Returns {"steps", "images", "views", "train_s" (loop wall time: data + compute), "step_s" (each step's wall
-    time, data loading included), "final_loss", "lr", "epochs", "augment", "settings"}.
+    Returns {"steps", "images", "views", "train_s" (loop wall time: data + compute, summed over the sessions of a
+    resumed run), "step_s" (each step's wall time, data loading included), "final_loss", "lr", "epochs", "augment",
+    "settings"}.
     """
     from training.run.schedule import cosine_with_warmup
 
@@ -239,9 +270,18 @@ def train_ssl(
     model.train()
     step_s: list[float] = []
     loss_value = math.nan
-    bar = tqdm(total=steps, desc=desc or method, unit="step", disable=not progress, leave=False)
-    start = last = time.perf_counter()
-    for step in range(steps):
+    first = 0
+    run = {"method": method, "steps": steps, "batch_size": batch_size, "seed": seed, "settings": settings}
+    if checkpoint is not None:
+        if augment != "tensor":
+            raise ValueError(f"checkpoint: only tensor views resume exactly, not augment={augment!r}")
+        if checkpoint.is_file():
+            first, step_s, loss_value = load_ssl_checkpoint(checkpoint, run, model, optimizer, scheduler)
+            for _ in range(first):  # the seeded views drawn again, untrained: the stream continues where it stopped
+                next(batches)
+    bar = tqdm(total=steps, initial=first, desc=desc or method, unit="step", disable=not progress, leave=False)
+    last = time.perf_counter()
+    for step in range(first, steps):
         x0, x1 = next(batches)
         loss = model.training_loss(x0.to(device), x1.to(device), step, steps)
         optimizer.zero_grad(set_to_none=True)
@@ -256,7 +296,9 @@ def train_ssl(
         last = now
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{batch_size / step_s[-1]:.0f}", refresh=False)
-    train_s = time.perf_counter() - start
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            save_ssl_checkpoint(checkpoint, run, step + 1, model, optimizer, scheduler, step_s, loss_value)
+    train_s = sum(step_s)
     bar.close()
     backbone.eval()
     return {"steps": steps, "images": steps * batch_size, "views": 2 * steps * batch_size, "train_s": train_s,
