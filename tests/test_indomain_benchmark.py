@@ -267,7 +267,8 @@ def test_combine_puts_each_methods_seeds_run_apart_into_one_table_with_mean_rows
                         ssl_overrides={"simclr": {"lr_scale": 0.5}}),
             "other_budget": _run("other_budget", {"byol/seed0": 80.0}, budget_minutes=5.0),
             "again": _run("again", {"dreamteacher/seed1": 91.0}),
-            "short": _run("short", {"dreamteacher/seed2": 89.0})}
+            "short": _run("short", {"dreamteacher/seed2": 89.0}),
+            "ssl_defaults": _run("ssl_defaults", {"simclr/seed2": 84.0})}
     runs["short"]["calibration"]["dreamteacher"]["steps"] = 9
     for name, run in runs.items():
         (out / f"{name}.json").write_text(json.dumps(run))
@@ -285,20 +286,24 @@ def test_combine_puts_each_methods_seeds_run_apart_into_one_table_with_mean_rows
         bench.main(["--combine", "dt,short", "--tag", "x", "--out-dir", str(out)])
     with pytest.raises(SystemExit, match="no .*missing.json; the tags there: again, both, dt, other_budget, short"):
         bench.main(["--combine", "dt,missing", "--tag", "x", "--out-dir", str(out)])
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--combine", "dt,ssl"])  # no --tag
+    with pytest.raises(SystemExit, match=r"simclr ran with settings the defaults in ssl_defaults, \{'lr_scale': 0.5\}"):
+        bench.main(["--combine", "ssl,ssl_defaults", "--tag", "x", "--out-dir", str(out)])
+    for argv in (["--combine", "dt,ssl"], ["--combine", "dt,ssl", "--tag", "dt"], ["--combine", " , ", "--tag", "x"],
+                 ["--methods", "random,pixels", "--calibrate-only"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)  # no --tag, a --tag that would overwrite an input, no tags, nothing to time
 
 
 def test_a_dreamteacher_entry_killed_midway_continues_from_its_checkpoint(tmp_path, monkeypatch):
-    """pretrain_dreamteacher keeps a run folder that holds a checkpoint and asks the trainer to resume it (steps
-    logged twice around the kill count once); a folder without one starts afresh."""
+    """Under --resume, pretrain_dreamteacher keeps a run folder that holds a checkpoint and asks the trainer to resume
+    it (steps logged twice count once); a folder without one, or any folder without --resume, starts afresh."""
     from benchmarks.experiments import indomain_fmnist as bench
     from dreamteacher_models.recipes import DEFAULT_RECIPE, get_recipe
     from training import pretrain
     from training.run import backbones
 
     recipe = get_recipe(DEFAULT_RECIPE)
-    args = bench.parse_args(["--threads", "1"])
+    args = bench.parse_args(["--threads", "1", "--resume"])
     calls = []
 
     def fake_main(argv):
@@ -327,3 +332,5 @@ def test_a_dreamteacher_entry_killed_midway_continues_from_its_checkpoint(tmp_pa
     (fresh / "metrics.jsonl").write_text(json.dumps({"step": 1, "images_per_s": 1.0, "loss/loss": 9.0}) + "\n")
     _, info = bench.pretrain_dreamteacher(0, 6, args, recipe, 16, "teacher", 1, fresh, 64)
     assert info["steps"] == 4  # only the new run's rows: the old folder was cleared
+    _, info = bench.pretrain_dreamteacher(0, 6, bench.parse_args(["--threads", "1"]), recipe, 16, "teacher", 1, run, 64)
+    assert info["steps"] == 4 and not (run / "checkpoints").exists()  # no --resume: a fresh run, checkpoint or not

@@ -233,8 +233,9 @@ def test_an_unknown_or_out_of_range_setting_is_refused_by_name():
 
 @pytest.mark.parametrize("method", ["simclr", "byol"])
 def test_a_run_killed_midway_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch, method):
-    """The seeded views are drawn again up to the checkpoint, the model, optimiser and schedule restored: stopped at
-    step 5 and resumed from step 4, the weights (BYOL's momentum target included) equal a run never stopped."""
+    """The seeded views are drawn again up to the checkpoint, the model (BYOL's momentum target in it), optimiser and
+    schedule restored: stopped at step 5 and resumed from step 4, the weights and last loss equal a run never
+    stopped."""
     data = TinySet(8)
     data.images = [Image.fromarray(a[0].numpy(), mode="L") for a in gray_batch(8)]
     kwargs = dict(steps=6, batch_size=4, input_size=2, mean=MEAN, std=STD, progress=False)
@@ -263,6 +264,12 @@ def test_a_run_killed_midway_resumes_from_its_checkpoint_to_the_same_weights(tmp
     for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert resumed["final_loss"] == straight["final_loss"] and len(resumed["step_s"]) == 6
+    assert torch.load(checkpoint, weights_only=True)["step"] == 6  # the final state too: a resume retrains nothing
+    monkeypatch.setattr(torch.optim.SGD, "step", killed_at_step_5)
+    calls.clear()
+    again = train_ssl(method, tiny_backbone(), data, checkpoint=checkpoint, checkpoint_every=2, **kwargs)
+    assert calls == [] and again["final_loss"] == straight["final_loss"]
+    monkeypatch.setattr(torch.optim.SGD, "step", real_step)
 
     with pytest.raises(ValueError, match=r"another run's \(steps: 6 there, 7 here\)"):
         train_ssl(method, tiny_backbone(), data, checkpoint=checkpoint, **{**kwargs, "steps": 7})

@@ -66,11 +66,17 @@ def test_trials_score_on_validation_share_the_first_calibration_and_choose_the_b
     # a rerun keeps the budget its first trials had instead of timing DreamTeacher again
     ssl_tuning.main(["--tag", "t", "--trials", "1", "--out-dir", str(tmp_path / "new"), "--no-progress"])
     assert len(timings) == 1 and calls[-1][calls[-1].index("--budget-minutes") + 1] == "3.5"
-    # a finished trial is read back, not reopened: its files stay as they were written
+    # a finished trial of the same settings is read back, not reopened: its files stay as they were written
     (tmp_path / "new" / "trials").mkdir()
-    (tmp_path / "new" / "trials" / "t_defaults.json").write_text(
-        json.dumps(fake_report("t_defaults", ["simclr", "byol"], {})))
+    finished = {**fake_report("t_defaults", ["simclr", "byol"], {}),
+                "settings": {"budget_minutes": 3.5, "max_train": 20000, "max_test": 5000, "calibration_steps": 12,
+                             "seed": 0, "split": "validation"}}
+    (tmp_path / "new" / "trials" / "t_defaults.json").write_text(json.dumps(finished))
     before = len(calls)
     again = ssl_tuning.main(["--tag", "t", "--trials", "1", "--out-dir", str(tmp_path / "new"), "--no-progress"])
     assert len(calls) == before and [row["trial"] for row in again["trials"]] == [
         "simclr_temperature0.5_lr_scale1", "byol_momentum_base0.99_lr_scale1"]
+    # one of other settings goes to indomain_fmnist, whose --resume refuses it by name
+    ssl_tuning.main(["--tag", "t", "--trials", "1", "--max-test", "1000", "--out-dir", str(tmp_path / "new"),
+                     "--no-progress"])
+    assert len(calls) == before + 1

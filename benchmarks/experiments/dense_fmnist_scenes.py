@@ -143,7 +143,8 @@ def indomain_args(args, data_dir: str) -> argparse.Namespace:
     """The namespace indomain_fmnist's pretraining helpers read, pointed at the unlabelled scenes."""
     return argparse.Namespace(seed=0, calibration_steps=args.calibration_steps, num_workers=0,
                               ssl_augment=args.ssl_augment, ssl_settings={},
-                              no_progress=args.no_progress, recipe=DEFAULT_RECIPE, data_dir=data_dir,
+                              no_progress=args.no_progress, resume=args.resume, recipe=DEFAULT_RECIPE,
+                              data_dir=data_dir,
                               pretrain_images=None, overrides=[f"data.input_size=(3,{SCENE_SIZE},{SCENE_SIZE})"])
 
 

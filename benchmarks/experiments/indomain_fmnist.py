@@ -127,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch threads for every method (default: every core)")
     p.add_argument("--tag", help="name of this run's outputs (default: budget<M>min_seed<S>[_<overrides>])")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run of this tag: keep its finished entries and calibration")
+                   help="continue the run of this tag: keep its finished entries and calibration, and continue "
+                        "an entry killed midway from its last checkpoint")
     p.add_argument("--steps-from", metavar="TAG",
                    help="take the budgeted methods' step counts from the earlier run TAG (in --out-dir) instead of "
                         "timing them, to compare a changed teacher or recipe at the same steps, or to run at other "
@@ -175,8 +176,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--budget-minutes must be > 0")
     if args.calibration_steps < 2:
         p.error("--calibration-steps must be >= 2 (the first step is not counted)")
-    if args.combine and not args.tag:
-        p.error("--combine needs --tag, the name of the combined table")
+    if args.combine is not None:
+        args.combine = [t.strip() for t in args.combine.split(",") if t.strip()]
+        if not args.combine or not args.tag or args.tag in args.combine:
+            p.error("--combine needs one or more earlier tags and a new --tag for the combined table")
+    if args.calibrate_only and not {m for m, _ in args.entries} & set(BUDGETED):
+        p.error(f"--calibrate-only: --methods names no budgeted method ({', '.join(BUDGETED)})")
     if args.calibration_rounds < 1:
         p.error(f"--calibration-rounds must be >= 1, got {args.calibration_rounds}")
     try:
@@ -309,6 +314,11 @@ def calibrate_ssl(method: str, args, recipe: Recipe, hf_train, batch_size: int, 
     return statistics.median(calib["step_s"][1:])
 
 
+def ssl_state_file(folder: Path) -> Path:
+    """A SimCLR/BYOL entry's training state: kept until the entry is recorded, so a resume never retrains it."""
+    return folder / "training_state.pt"
+
+
 def pretrain_ssl(method: str, seed: int, steps: int, args, recipe: Recipe, hf_train, batch_size: int, device: str,
                  folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     import safetensors.torch
@@ -317,16 +327,16 @@ def pretrain_ssl(method: str, seed: int, steps: int, args, recipe: Recipe, hf_tr
 
     backbone = fresh_backbone(recipe, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    # checkpointed (tensor views resume exactly), so an entry killed midway continues when the benchmark is resumed
-    checkpoint = folder / "training_state.pt" if args.ssl_augment == "tensor" else None
+    # checkpointed (tensor views resume exactly): under --resume an entry killed in training or evaluation continues
+    checkpoint = ssl_state_file(folder) if args.ssl_augment == "tensor" else None
+    if checkpoint is not None and not args.resume:
+        checkpoint.unlink(missing_ok=True)  # a fresh run
     t0 = time.perf_counter()
     out = train_ssl(method, backbone, hf_train, steps=steps, desc=f"{method} seed {seed}", checkpoint=checkpoint,
                     **_ssl_kwargs(method, args, recipe, batch_size, device, seed))
     wall_s = time.perf_counter() - t0
     safetensors.torch.save_file({k: v.contiguous() for k, v in backbone.state_dict().items()},
                                 str(folder / "backbone.safetensors"))
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)  # the entry is done: its weights are saved above
     info = {"steps": steps, "batch_size": batch_size, "images": out["images"], "views": out["views"],
             "epochs": round(out["epochs"], 3), "train_s": round(out["train_s"], 2), "wall_s": round(wall_s, 2),
             "images_per_s": round(out["images"] / out["train_s"], 2), "final_loss": out["final_loss"],
@@ -354,7 +364,8 @@ def _dreamteacher_argv(args, seed: int, batch_size: int, output_dir: Path, steps
 
 
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows, one per step: a resumed run logs again the steps after its checkpoint, the last kept."""
+    """metrics.jsonl's rows, one per step (the last row of a step logged twice: a safeguard, as the trainer cuts the
+    file back to its checkpoint on resume)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return list({row["step"]: row for row in rows}.values())
 
@@ -410,13 +421,13 @@ def calibrate_dreamteacher_cached(args, batch_size: int, teacher: str, threads: 
 def pretrain_dreamteacher(seed: int, steps: int | None, args, recipe: Recipe, batch_size: int, teacher: str,
                           threads: int, run_dir: Path, num_images: int, extra_argv: tuple[str, ...] = ()
                           ) -> tuple[nn.Module, dict[str, Any]]:
-    """training/pretrain.py for `steps` steps (None: the recipe's own length), checkpointed, so a run killed midway
-    continues from its last checkpoint when the benchmark is resumed (a folder without one starts afresh)."""
+    """training/pretrain.py for `steps` steps (None: the recipe's own length), checkpointed: under --resume a run
+    killed midway continues from its last checkpoint; otherwise (or without one) the folder starts afresh."""
     from training import pretrain
     from training.run.backbones import load_backbone
     from training.run.layout import checkpoint_dirs
 
-    if not checkpoint_dirs(run_dir):
+    if not (args.resume and checkpoint_dirs(run_dir)):
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run (metrics.jsonl is appended to)
     t0 = time.perf_counter()
     pretrain.main(_dreamteacher_argv(args, seed, batch_size, run_dir, steps, teacher, threads, DT_CHECKPOINT_EVERY)
@@ -572,12 +583,14 @@ def calibration_from(path: Path, settings: dict[str, Any], methods: set[str]) ->
     diffs = setting_differences(old["settings"], settings, same)
     if diffs:
         raise SystemExit(f"--steps-from: {path} was run with another budget ({'; '.join(diffs)})")
-    return {method: {**calib, "steps_from": str(path), "threads": old["settings"]["threads"]}
+    return {method: {**calib, "steps_from": calib.get("steps_from", str(path)),
+                     "threads": calib.get("threads", old["settings"]["threads"])}
             for method, calib in old.get("calibration", {}).items() if method in methods}
 
 
 COMBINE_SETTINGS = ("budget_minutes", "batch_size", "pretrain_images", "ssl_augment", "recipe", "overrides", "teacher",
-                    "timestep", "data", "max_train", "max_test", "split", "ft_epochs", "input_size", "zero_init_last")
+                    "timestep", "data", "max_train", "max_test", "split", "ft_epochs", "input_size", "zero_init_last",
+                    "device")
 
 
 def combine_runs(tags: list[str], out_dir: Path, tag: str) -> dict[str, Any]:
@@ -596,6 +609,7 @@ def combine_runs(tags: list[str], out_dir: Path, tag: str) -> dict[str, Any]:
               "calibration": {}, "methods": {},
               "machine": {"facts": "; ".join(dict.fromkeys(r["machine"]["facts"] for r in runs)),
                           "matmul_gflops": [g for r in runs for g in r["machine"]["matmul_gflops"]]}}
+    settings_by_method: dict[str, tuple[str, dict[str, float]]] = {}
     for name, run in zip(tags, runs, strict=True):
         diffs = setting_differences(first["settings"], run["settings"], COMBINE_SETTINGS)
         if diffs:
@@ -609,8 +623,14 @@ def combine_runs(tags: list[str], out_dir: Path, tag: str) -> dict[str, Any]:
                 raise SystemExit(f"--combine: {key} is in more than one of {', '.join(tags)}")
             report["methods"][key] = entry
             report["settings"]["entries"].append(key)
-            if entry["method"] in run["settings"].get("ssl_overrides", {}):
-                report["settings"]["ssl_overrides"][entry["method"]] = run["settings"]["ssl_overrides"][entry["method"]]
+            method = entry["method"]
+            overrides = run["settings"].get("ssl_overrides", {}).get(method, {})
+            if settings_by_method.setdefault(method, (name, overrides))[1] != overrides:
+                other, theirs = settings_by_method[method]
+                raise SystemExit(f"--combine: {method} ran with settings {overrides or 'the defaults'} in {name}, "
+                                 f"{theirs or 'the defaults'} in {other}")
+            if overrides:
+                report["settings"]["ssl_overrides"][method] = overrides
     threads = sorted({r["settings"]["threads"] for r in runs})
     report["settings"]["threads"] = "/".join(map(str, threads))
     write_report(report, out_dir, tag)
@@ -643,7 +663,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.combine:
-        return combine_runs([t for t in args.combine.split(",") if t.strip()], Path(args.out_dir), args.tag)
+        return combine_runs(args.combine, Path(args.out_dir), args.tag)
     from training.protocols.evaluation import EvalConfig, evaluate
     from training.run.hardware import cpu_threads_per_process
 
@@ -773,6 +793,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                             for k in ("train_images", "test_images", "fine_tune", "knn")}
         report["seconds_total"] = round(report.get("seconds_total", 0.0) + entry["seconds"], 1)
         write_report(report, out_dir, tag)
+        ssl_state_file(folder).unlink(missing_ok=True)  # recorded: the weights are in backbone.safetensors
         logger.info("%s done in %.0f s: %s", key, entry["seconds"], _scores(entry))
 
     report["machine"]["matmul_gflops"].append(round(matmul_gflops(), 1))

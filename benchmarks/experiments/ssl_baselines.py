@@ -245,8 +245,8 @@ def train_ssl(
     """Pretrain `backbone` in place with `method` for exactly `steps` SGD steps of `batch_size` images (2 views each),
     the views drawn by `augment` ("tensor": batched, "lightly": lightly's PIL transforms in a DataLoader), with
     `overrides` of the method's SETTINGS. With `checkpoint` (tensor views only), the state is saved there every
-    `checkpoint_every` steps and a run that finds one continues from it: the same views, so the same weights as a
-    run never stopped.
+    `checkpoint_every` steps and at the end, and a run that finds one continues from it: the same views, so the
+    same weights as a run never stopped (one that finds the final state trains nothing).
 
     Returns {"steps", "images", "views", "train_s" (loop wall time: data + compute, summed over the sessions of a
     resumed run), "step_s" (each step's wall time, data loading included), "final_loss", "lr", "epochs", "augment",
@@ -271,14 +271,15 @@ def train_ssl(
     step_s: list[float] = []
     loss_value = math.nan
     first = 0
-    run = {"method": method, "steps": steps, "batch_size": batch_size, "seed": seed, "settings": settings}
+    run = {"method": method, "steps": steps, "batch_size": batch_size, "seed": seed, "settings": settings,
+           "images": len(hf_dataset), "input_size": input_size, "mean": list(mean), "std": list(std)}
     if checkpoint is not None:
         if augment != "tensor":
             raise ValueError(f"checkpoint: only tensor views resume exactly, not augment={augment!r}")
         if checkpoint.is_file():
             first, step_s, loss_value = load_ssl_checkpoint(checkpoint, run, model, optimizer, scheduler)
-            for _ in range(first):  # the seeded views drawn again, untrained: the stream continues where it stopped
-                next(batches)
+            for _ in range(first if first < steps else 0):  # the seeded views drawn again, untrained: the
+                next(batches)                                 # stream continues where it stopped
     bar = tqdm(total=steps, initial=first, desc=desc or method, unit="step", disable=not progress, leave=False)
     last = time.perf_counter()
     for step in range(first, steps):
@@ -296,8 +297,9 @@ def train_ssl(
         last = now
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{batch_size / step_s[-1]:.0f}", refresh=False)
-        if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             save_ssl_checkpoint(checkpoint, run, step + 1, model, optimizer, scheduler, step_s, loss_value)
+            last = time.perf_counter()  # the save is not the next step's time
     train_s = sum(step_s)
     bar.close()
     backbone.eval()

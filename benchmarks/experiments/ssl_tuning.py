@@ -103,8 +103,12 @@ def run_trial(args, tag: str, methods: list[str], settings: dict[str, float] | N
     path = Path(args.out_dir) / "trials" / f"{tag}.json"
     if path.is_file():
         report = json.loads(path.read_text())
-        if all(f"{m}/seed{args.seed}" in report["methods"] for m in methods):
+        wanted = {"budget_minutes": args.budget_minutes, "max_train": args.max_train, "max_test": args.max_test,
+                  "calibration_steps": args.calibration_steps, "seed": args.seed, "split": "validation"}
+        if (all(report["settings"].get(k) == v for k, v in wanted.items())
+                and all(f"{m}/seed{args.seed}" in report["methods"] for m in methods)):
             return report
+    # unfinished, or run with other settings: indomain_fmnist's --resume continues it or refuses, naming them
     return indomain_fmnist.main(trial_argv(args, tag, methods, settings, steps_from))
 
 
