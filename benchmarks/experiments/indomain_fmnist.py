@@ -46,8 +46,8 @@ not its result. `--calibrate-only` stops after timing: a budget measured once on
 runs (`--steps-from`), which may use other threads, e.g. one process pinned to each core. The table reports the
 steps, the loop time and source images/s (SimCLR/BYOL draw 2 augmented views per image; DreamTeacher's step
 includes the teacher's forward) and, for DreamTeacher, the teacher's own training cost (from the teacher folder's
-README). All methods use the same batch
-(`--batch-size`, default the recipe's) and the same DataLoader workers, and every core (`--threads`, default all).
+README). All methods use the same batch (`--batch-size`, default the recipe's) and the same DataLoader workers, and
+every core (`--threads`, default all).
 
 Evaluation: training/evaluate.py's `evaluate` with all protocols (linear probe, kNN k=20, fine-tune with 1% and 10%
 of the labels) on Fashion-MNIST train -> t10k; `--max-train/--max-test` subsample both (seeded) for quick runs.
@@ -99,8 +99,8 @@ LABELS = {"random": "random init", "pixels": "raw pixels (reference)", "simclr":
           "dreamteacher-cached": "DreamTeacher, teacher-feature cache (its build inside the budget)",
           "dreamteacher-recipe": "DreamTeacher at the recipe's length (main job)",
           "teacher": "teacher features (reference)"}
-# settings a --resume must share with the run it continues
 DT_CHECKPOINT_EVERY = 100  # steps between a DreamTeacher entry's checkpoints (about 2-4 minutes on a CPU)
+# settings a --resume must share with the run it continues
 RESUME_SETTINGS = ("budget_minutes", "batch_size", "num_workers", "calibration_steps", "recipe", "overrides",
                    "teacher", "timestep", "data", "pretrain_images", "max_train", "max_test", "split", "ft_epochs",
                    "threads", "steps_from", "ssl_augment", "ssl_overrides")
@@ -364,10 +364,8 @@ def _dreamteacher_argv(args, seed: int, batch_size: int, output_dir: Path, steps
 
 
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows, one per step (the last row of a step logged twice: a safeguard, as the trainer cuts the
-    file back to its checkpoint on resume)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return list({row["step"]: row for row in rows}.values())
+    """metrics.jsonl's rows, one per step (on resume the trainer cuts the file back to its checkpoint's step)."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def _step_seconds(run_dir: Path, batch_size: int) -> list[float]:
