@@ -32,3 +32,17 @@ def test_a_finished_sweep_is_rerendered_without_training(tmp_path, monkeypatch):
     assert "| **recipe** |" in (tmp_path / "t.md").read_text()
     with pytest.raises(SystemExit, match="scored on the validation split, not test"):
         fmnist_ablation.main(["--tag", "t", "--split", "test", "--out-dir", str(tmp_path)])
+
+
+def test_a_variant_finished_by_another_process_meanwhile_is_kept(tmp_path, monkeypatch):
+    import training.evaluate as evaluate
+    import training.pretrain as pretrain
+
+    out = tmp_path / "t.json"
+    other = {"split": "validation", "results": {"at_3": result(85, 85, 75, 81)}, "machine": "m"}
+    monkeypatch.setattr(pretrain, "main", lambda argv: out.write_text(json.dumps(other)))  # lands while this trains
+    scores = dict(zip(fmnist_ablation.PROTOCOL_KEYS, (90, 80, 70, 80), strict=True))
+    monkeypatch.setattr(evaluate, "main", lambda argv: {"results": {k: {"top1": v} for k, v in scores.items()}})
+    fmnist_ablation.main(["--tag", "t", "--variants", "recipe", "--out-dir", str(tmp_path),
+                          "--work-dir", str(tmp_path / "runs")])
+    assert set(json.loads(out.read_text())["results"]) == {"at_3", "recipe"}

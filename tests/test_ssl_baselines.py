@@ -232,7 +232,8 @@ def test_an_unknown_or_out_of_range_setting_is_refused_by_name():
 
 
 @pytest.mark.parametrize("method", ["simclr", "byol"])
-def test_a_run_killed_midway_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch, method):
+def test_a_run_killed_midway_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch, caplog,
+                                                                               method):
     """The seeded views are drawn again up to the checkpoint, the model (BYOL's momentum target in it), optimiser and
     schedule restored: stopped at step 5 and resumed from step 4, the weights and last loss equal a run never
     stopped."""
@@ -244,6 +245,7 @@ def test_a_run_killed_midway_resumes_from_its_checkpoint_to_the_same_weights(tmp
     straight = train_ssl(method, straight_model, data, **kwargs)
 
     checkpoint = tmp_path / "training_state.pt"
+    caplog.set_level("INFO", logger="dreamteacher.bench.ssl")
     real_step, calls = torch.optim.SGD.step, []
 
     def killed_at_step_5(self, *args, **kw):
@@ -257,6 +259,7 @@ def test_a_run_killed_midway_resumes_from_its_checkpoint_to_the_same_weights(tmp
     with pytest.raises(KeyboardInterrupt):
         train_ssl(method, tiny_backbone(), data, checkpoint=checkpoint, checkpoint_every=2, **kwargs)
     assert torch.load(checkpoint, weights_only=True)["step"] == 4
+    assert f"{method}: step 4/6 saved" in caplog.text  # without a bar, each save is logged
     monkeypatch.setattr(torch.optim.SGD, "step", real_step)
     torch.manual_seed(0)
     resumed_model = tiny_backbone()

@@ -9,7 +9,8 @@ validation carve of train by default (`--split validation`: a choice never reads
 Scores depend on the seed and the step count, not on the machine's speed, so variants run at different times
 compare fairly; the wall time of each run is recorded too. Results go to `benchmarks/results/fmnist_ablation/
 <tag>.json` and `.md`, rewritten after every variant; a variant already in the JSON is not run again (rerun with a
-new tag), so an interrupted sweep continues where it stopped.
+new tag), so an interrupted sweep continues where it stopped. Processes given different variants may share a tag
+(one per core): each merges its result into the file as it finishes.
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ def main(argv=None) -> dict:
         ev = evaluate.main(["--model", f"local-dir:{run / 'export'}", "--max-train", str(args.max_train),
                             "--max-test", str(args.max_test), "--split", args.split, "--out", str(run / "eval.json")])
         scores = {k: v["top1"] for k, v in ev["results"].items()}
+        if out_json.is_file():  # another process may have finished variants of this tag meanwhile
+            report["results"] = {**json.loads(out_json.read_text())["results"], **report["results"]}
         report["results"][name] = {"args": argv_run, "scores": scores, "train_seconds": train_s}
         report["machine"] = describe_machine()
         write_tables(report, out_json, args.split, args.max_test)

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -40,6 +42,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from benchmarks.experiments.ssl_tensor_views import ViewAugment, decode_images, two_view_batches
+
+logger = logging.getLogger("dreamteacher.bench.ssl")
 
 SSL_METHODS = ("simclr", "byol")
 SGD_LR_PER_128 = 0.06
@@ -299,6 +303,9 @@ def train_ssl(
         bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{batch_size / step_s[-1]:.0f}", refresh=False)
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             save_ssl_checkpoint(checkpoint, run, step + 1, model, optimizer, scheduler, step_s, loss_value)
+            if not progress:  # the bar is off (logs to a file): say how far a long run has got
+                logger.info("%s: step %d/%d saved, loss %.4f, %.2f s/step", desc or method, step + 1, steps,
+                            loss_value, statistics.median(step_s[-checkpoint_every:]))
             last = time.perf_counter()  # the save is not the next step's time
     train_s = sum(step_s)
     bar.close()
