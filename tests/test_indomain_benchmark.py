@@ -88,6 +88,24 @@ def test_indomain_table_has_a_mean_row_per_method_with_two_seeds():
                                 "dreamteacher/seed1": entry("dreamteacher", 1, 84.0)})
     assert "| DreamTeacher, mean | 0,1 | | | | | **82.00** (80.00, 84.00) |" in table
     assert "SimCLR (lightly), mean" not in table
+    assert bench.verdict_table(dict(enumerate([entry("dreamteacher", 0, 80.0), entry("simclr", 0, 70.0)]))) == ""
+
+
+@pytest.mark.parametrize(("byol", "lead", "verdict"), [((75.0, 77.0), "+6.00", "ahead"),
+                                                     ((79.0, 80.0), "+2.50", "tie"),
+                                                     ((90.0, 91.0), "-8.50", "behind")])
+def test_dreamteacher_leads_the_best_baseline_only_by_more_than_the_seed_spread(byol, lead, verdict):
+    from benchmarks.experiments import indomain_fmnist as bench
+
+    def entry(method, top1):
+        return {"method": method, "evaluation": {"results": {k: {"top1": top1} for k in bench.protocol_keys()}}}
+
+    runs = [entry("dreamteacher", 80.0), entry("dreamteacher", 84.0), entry("simclr", 70.0), entry("simclr", 71.0),
+            entry("byol", byol[0]), entry("byol", byol[1])]
+    table = bench.verdict_table(dict(enumerate(runs)))
+    # DreamTeacher's range (4) is the larger spread; BYOL is the better baseline in each case
+    assert f"| linear probe | 82.00 | BYOL (lightly) {sum(byol) / 2:.2f} | {lead} | 4.00 | **{verdict}** |" in table
+    assert table.count(f"**{verdict}**") == len(bench.protocol_keys())
 
 
 def test_indomain_resume_refuses_other_settings_and_keeps_finished_entries(tmp_path):

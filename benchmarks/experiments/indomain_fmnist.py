@@ -528,6 +528,31 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def verdict_table(results: dict[str, dict[str, Any]]) -> str:
+    """DreamTeacher's mean against the best baseline mean (SimCLR or BYOL) per protocol, where both have 2+ seeds:
+    ahead or behind only by more than the spread (the larger of the two methods' seed ranges), else a tie."""
+    seeds: dict[str, dict[str, list[float]]] = {}
+    for entry in results.values():
+        for k, v in _scores(entry).items():
+            seeds.setdefault(entry["method"], {}).setdefault(k, []).append(v)
+    ours = seeds.get("dreamteacher", {})
+    lines = []
+    for k in protocol_keys():
+        rivals = [(statistics.mean(seeds[m][k]), m) for m in SSL_METHODS if len(seeds.get(m, {}).get(k, [])) >= 2]
+        if len(ours.get(k, [])) < 2 or not rivals:
+            continue
+        best, rival = max(rivals)
+        lead = statistics.mean(ours[k]) - best
+        spread = max(max(v) - min(v) for v in (ours[k], seeds[rival][k]))
+        verdict = "tie" if abs(lead) <= spread else ("ahead" if lead > 0 else "behind")
+        lines.append(f"| {k} | {statistics.mean(ours[k]):.2f} | {LABELS[rival]} {best:.2f} | {lead:+.2f} | "
+                     f"{spread:.2f} | **{verdict}** |")
+    if not lines:
+        return ""
+    return "\n".join(["| protocol | DreamTeacher, mean | best baseline, mean | lead | spread (larger seed range) | "
+                      "DreamTeacher is |", "|---|---|---|---|---|---|", *lines])
+
+
 def settings_line(report: dict[str, Any]) -> str:
     s = report["settings"]
     ev = s.get("evaluation", {})
@@ -551,7 +576,9 @@ def machine_line(report: dict[str, Any]) -> str:
 
 
 def render(report: dict[str, Any]) -> str:
-    return "\n\n".join([format_table(report["methods"]), settings_line(report), machine_line(report)]) + "\n"
+    parts = [format_table(report["methods"]), verdict_table(report["methods"]), settings_line(report),
+             machine_line(report)]
+    return "\n\n".join(filter(None, parts)) + "\n"
 
 
 def write_report(report: dict[str, Any], out_dir: Path, tag: str) -> tuple[Path, Path]:
