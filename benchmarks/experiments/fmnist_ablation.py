@@ -10,7 +10,8 @@ Scores depend on the seed and the step count, not on the machine's speed, so var
 compare fairly; the wall time of each run is recorded too. Results go to `benchmarks/results/fmnist_ablation/
 <tag>.json` and `.md`, rewritten after every variant; a variant already in the JSON is not run again (rerun with a
 new tag), so an interrupted sweep continues where it stopped. Processes given different variants may share a tag
-(one per core): each merges its result into the file as it finishes.
+(one per core): each merges its results into the file when it writes (not locked: two finishing in the same
+instant can race).
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ def table(results: dict) -> str:
 
 
 def write_tables(report: dict, out_json: Path, split: str, max_test: int) -> None:
+    """Writes the JSON and the table, first merging in the variants another process of this tag has written."""
+    if out_json.is_file():
+        report["results"] = {**json.loads(out_json.read_text())["results"], **report["results"]}
     write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")
     write_text_atomic(out_json.with_suffix(".md"), f"Top-1 on the {split} split ({max_test} images); **bold**: the "
                       f"highest mean of the four.\n\n{table(report['results'])}\n\n{report.get('machine', '')}\n")
@@ -128,8 +132,6 @@ def main(argv=None) -> dict:
         ev = evaluate.main(["--model", f"local-dir:{run / 'export'}", "--max-train", str(args.max_train),
                             "--max-test", str(args.max_test), "--split", args.split, "--out", str(run / "eval.json")])
         scores = {k: v["top1"] for k, v in ev["results"].items()}
-        if out_json.is_file():  # another process may have finished variants of this tag meanwhile
-            report["results"] = {**json.loads(out_json.read_text())["results"], **report["results"]}
         report["results"][name] = {"args": argv_run, "scores": scores, "train_seconds": train_s}
         report["machine"] = describe_machine()
         write_tables(report, out_json, args.split, args.max_test)

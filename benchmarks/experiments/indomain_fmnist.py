@@ -529,8 +529,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def verdict_table(results: dict[str, dict[str, Any]]) -> str:
-    """DreamTeacher's mean against the best baseline mean (SimCLR or BYOL) per protocol, where both have 2+ seeds:
-    ahead or behind only by more than the spread (the larger of the two methods' seed ranges), else a tie."""
+    """DreamTeacher's mean against the best baseline's mean (SimCLR or BYOL) per protocol, where DreamTeacher has 2+
+    seeds: ahead or behind only by more than the spread (the larger of the two methods' seed ranges), else a tie; no
+    verdict where the best baseline has a single seed (its spread is unknown)."""
     seeds: dict[str, dict[str, list[float]]] = {}
     for entry in results.values():
         for k, v in _scores(entry).items():
@@ -538,15 +539,19 @@ def verdict_table(results: dict[str, dict[str, Any]]) -> str:
     ours = seeds.get("dreamteacher", {})
     lines = []
     for k in protocol_keys():
-        rivals = [(statistics.mean(seeds[m][k]), m) for m in SSL_METHODS if len(seeds.get(m, {}).get(k, [])) >= 2]
+        rivals = [(statistics.mean(seeds[m][k]), m) for m in SSL_METHODS if seeds.get(m, {}).get(k)]
         if len(ours.get(k, [])) < 2 or not rivals:
             continue
         best, rival = max(rivals)
-        lead = statistics.mean(ours[k]) - best
-        spread = max(max(v) - min(v) for v in (ours[k], seeds[rival][k]))
-        verdict = "tie" if abs(lead) <= spread else ("ahead" if lead > 0 else "behind")
-        lines.append(f"| {k} | {statistics.mean(ours[k]):.2f} | {LABELS[rival]} {best:.2f} | {lead:+.2f} | "
-                     f"{spread:.2f} | **{verdict}** |")
+        lead = round(statistics.mean(ours[k]) - best, 2)
+        spread = round(max(max(v) - min(v) for v in (ours[k], seeds[rival][k])), 2)
+        n = len(seeds[rival][k])
+        if n < 2:
+            verdict = "no verdict: one seed"
+        else:
+            verdict = "**tie**" if abs(lead) <= spread else ("**ahead**" if lead > 0 else "**behind**")
+        lines.append(f"| {k} | {statistics.mean(ours[k]):.2f} | {LABELS[rival]} {best:.2f} ({n} seed{'s' * (n > 1)}) "
+                     f"| {lead:+.2f} | {spread:.2f} | {verdict} |")
     if not lines:
         return ""
     return "\n".join(["| protocol | DreamTeacher, mean | best baseline, mean | lead | spread (larger seed range) | "
