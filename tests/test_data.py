@@ -222,6 +222,7 @@ def test_16_bit_and_transparent_images_are_converted_as_they_mean_and_logged(tmp
 
 def test_offline_a_hub_dataset_in_the_datasets_cache_is_used_and_a_missing_one_is_a_clear_error(monkeypatch):
     import datasets
+
     from training.run.data import load_image_dataset
 
     cached = datasets.Dataset.from_dict({"label": [0, 1]})

@@ -49,10 +49,9 @@ def write_parquet_shards(folder, shards: int = 4, per_shard: int = 3, size: int 
     """The Hub's ImageNet layout in miniature: data/train-0000i-of-0000n.parquet with image bytes and labels."""
     import io
 
+    import datasets
     import numpy as np
     from PIL import Image
-
-    import datasets
 
     rng = np.random.default_rng(0)
     (folder / "data").mkdir(parents=True)
@@ -96,6 +95,7 @@ def test_two_ranks_stream_disjoint_halves_that_cover_the_data(tmp_path, layout, 
 def test_the_sharding_mode_is_logged_and_reading_everything_on_every_rank_is_warned(caplog, shards, world_size,
                                                                                    warned):
     import datasets
+
     from training.run.data import split_streaming
 
     stream = datasets.Dataset.from_dict({"x": list(range(12))}).to_iterable_dataset(num_shards=shards)
@@ -119,10 +119,10 @@ def test_a_corrupt_streamed_image_is_skipped_and_the_rest_of_the_stream_still_co
     under the dataset's own guard instead, so six examples with the third corrupt give five images and one skip."""
     import io
 
+    import datasets
     import numpy as np
     from PIL import Image
 
-    import datasets
     from training.run.data import StreamingImageDataset
 
     def png(value):
@@ -143,6 +143,7 @@ def test_a_corrupt_streamed_image_is_skipped_and_the_rest_of_the_stream_still_co
 def test_a_reader_failure_mid_stream_stops_with_a_clear_error_instead_of_shortening_the_epoch():
     """A generator that raised is finished: yielding on would silently drop the rest of the worker's epoch."""
     import datasets
+
     from training.run.data import StreamingImageDataset, StreamReadError
 
     def rows():

@@ -176,9 +176,8 @@ def load_idx_dataset(folder: str | os.PathLike, split: str = "train"):
     The arrays go into Arrow as they are (one fixed-size uint8 row per image); the PIL images are
     made on access by a ``with_transform``, so there is no per-image encode loop.
     """
-    import pyarrow as pa
-
     import datasets
+    import pyarrow as pa
 
     folder = Path(folder)
     images, labels = read_idx_split(folder, split)
