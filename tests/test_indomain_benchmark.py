@@ -130,7 +130,7 @@ def test_indomain_resume_refuses_other_settings_and_keeps_finished_entries(tmp_p
         bench.resumed_report(fresh, path)
 
 
-def test_steps_from_takes_an_earlier_runs_step_counts_at_the_same_budget_only(tmp_path):
+def test_steps_from_takes_an_earlier_runs_step_counts_under_the_same_settings_only(tmp_path):
     from benchmarks.experiments import indomain_fmnist as bench
 
     settings = {"budget_minutes": 30, "batch_size": 128, "pretrain_images": None, "threads": 2, "device": "cpu"}
@@ -144,11 +144,37 @@ def test_steps_from_takes_an_earlier_runs_step_counts_at_the_same_budget_only(tm
         **settings, "steps_from": "b30", "entries": [], "num_workers": 0, "recipe": "r", "teacher": "t",
         "timestep": 50, "overrides": []}})
     assert f"dreamteacher 1711 steps taken from {tmp_path / 'b30.json'} (its 1.050 s/step at 2 threads)" in line
-    for key, value in [("budget_minutes", 10), ("batch_size", 64), ("pretrain_images", 10000), ("device", "cuda")]:
+    for key, value in [("batch_size", 64), ("pretrain_images", 10000), ("device", "cuda")]:
         with pytest.raises(SystemExit, match=rf"{key}: {settings[key]!r} then, {value!r} now"):
             bench.calibration_from(tmp_path / "b30.json", {**settings, key: value}, {"dreamteacher"})
     with pytest.raises(SystemExit, match=r"no .*b5\.json; the tags there: b30"):
         bench.calibration_from(tmp_path / "b5.json", settings, {"dreamteacher"})
+
+
+def test_steps_from_scales_the_timed_steps_to_another_budget_and_back(tmp_path):
+    """A baseline given 4x the budget trains floor(4 x 1800 s / its timed s/step) steps, says which budget was
+    timed, and a run chained from it back at the timed budget gets the timed budget's steps again."""
+    from benchmarks.experiments import indomain_fmnist as bench
+
+    settings = {"budget_minutes": 30, "batch_size": 128, "pretrain_images": None, "threads": 2, "device": "cpu"}
+    calib = {"simclr": {"steps_timed": 6, "seconds_per_step": 1.3532, "steps": 1330},
+             "dreamteacher-cached": {"seconds_per_step": 1.0, "cache_build_s": 600.0, "steps": 1200}}
+    (tmp_path / "b30.json").write_text(json.dumps({"settings": settings, "calibration": calib}))
+    taken = bench.calibration_from(tmp_path / "b30.json", {**settings, "budget_minutes": 120},
+                                   {"simclr", "dreamteacher-cached"})
+    assert taken["simclr"]["steps"] == 5320 and taken["simclr"]["timed_for_budget_minutes"] == 30
+    assert taken["dreamteacher-cached"]["steps"] == 6600  # the cache's build time still comes off the budget
+    line = bench.settings_line({"calibration": taken, "settings": {
+        **settings, "budget_minutes": 120, "steps_from": "b30", "entries": [], "num_workers": 0, "recipe": "r",
+        "teacher": "t", "timestep": 50, "overrides": []}})
+    assert "simclr 5320 steps taken from" in line
+    assert "(its 1.353 s/step at 2 threads, timed for a 30-min budget)" in line
+
+    (tmp_path / "b120.json").write_text(json.dumps({"settings": {**settings, "budget_minutes": 120},
+                                                    "calibration": taken}))
+    back = bench.calibration_from(tmp_path / "b120.json", settings, {"simclr"})
+    assert back["simclr"]["steps"] == 1330 and "timed_for_budget_minutes" not in back["simclr"]
+    assert back["simclr"]["steps_from"] == str(tmp_path / "b30.json")
 
 
 def test_a_budget_timed_once_by_calibrate_only_is_trained_later_at_other_threads(tmp_path, monkeypatch):

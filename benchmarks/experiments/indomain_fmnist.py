@@ -43,7 +43,8 @@ and runs a complete LR schedule of that length from a fresh init. Calibrating al
 other (`--calibration-rounds R`: R times, taking turns, each method sized by its median round), keeps them measured
 under the same load; the training itself then does a fixed number of steps, so a busy host changes its wall time,
 not its result. `--calibrate-only` stops after timing: a budget measured once on a quiet machine then sizes later
-runs (`--steps-from`), which may use other threads, e.g. one process pinned to each core. The table reports the
+runs (`--steps-from`), which may use other threads, e.g. one process pinned to each core, or another budget (the
+timed seconds per step scaled to it, e.g. a baseline given four times the 30 minutes). The table reports the
 steps, the loop time and source images/s (SimCLR/BYOL draw 2 augmented views per image; DreamTeacher's step
 includes the teacher's forward) and, for DreamTeacher, the teacher's own training cost (from the teacher folder's
 README). All methods use the same batch (`--batch-size`, default the recipe's) and the same DataLoader workers, and
@@ -132,7 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-from", metavar="TAG",
                    help="take the budgeted methods' step counts from the earlier run TAG (in --out-dir) instead of "
                         "timing them, to compare a changed teacher or recipe at the same steps, or to run at other "
-                        "threads (pinned to a core) the budget TAG measured")
+                        "threads (pinned to a core) the budget TAG measured; with another --budget-minutes, its "
+                        "timed seconds per step scaled to this budget")
     p.add_argument("--combine", metavar="TAG,TAG,...",
                    help="train nothing: write --tag as the entries of these earlier runs (same budget, data and "
                         "evaluation), with mean rows across them")
@@ -562,7 +564,9 @@ def settings_line(report: dict[str, Any]) -> str:
     s = report["settings"]
     ev = s.get("evaluation", {})
     calib = ", ".join(f"{m} {c['steps']} steps taken from {c['steps_from']} (its {c['seconds_per_step']:.3f} s/step"
-                      + (f" at {c['threads']} threads)" if "threads" in c else ")")
+                      + (f" at {c['threads']} threads" if "threads" in c else "")
+                      + (f", timed for a {c['timed_for_budget_minutes']:g}-min budget)"
+                         if "timed_for_budget_minutes" in c else ")")
                       if c.get("steps_from") else f"{m} {c['seconds_per_step']:.3f} s/step -> {c['steps']} steps"
                       for m, c in report.get("calibration", {}).items())
     return (f"budget {s['budget_minutes']:g} min per method ({calib or 'no budgeted method'}), batch "
@@ -602,20 +606,33 @@ def setting_differences(then: dict[str, Any], now: dict[str, Any], keys) -> list
 
 def calibration_from(path: Path, settings: dict[str, Any], methods: set[str]) -> dict[str, Any]:
     """The step counts the earlier run at `path` calibrated for `methods`, each marked with where it came from;
-    refused when that run had another budget, batch, pretraining set or device (its steps would not be this run's
-    budget). Its threads may differ: they set the budget's wall time, this run's only how long it takes."""
+    refused when that run had another batch, pretraining set or device (its timing would not be this run's). Its
+    threads may differ: they set the budget's wall time, this run's only how long it takes. Its budget may differ
+    too: the steps are then the timed seconds per step scaled to this run's budget (e.g. a baseline given four
+    times DreamTeacher's 30 minutes, timed under the same load as the 30-minute budget)."""
     if not path.is_file():
         tags = sorted(p.stem for p in path.parent.glob("*.json"))
         raise SystemExit(f"--steps-from: no {path}; the tags there: {', '.join(tags) or 'none'}")
     old = json.loads(path.read_text())
-    same = ("budget_minutes", "batch_size", "pretrain_images", "device")
+    same = ("batch_size", "pretrain_images", "device")
     same += ("ssl_augment",) if methods & set(SSL_METHODS) else ()  # the views set SimCLR's and BYOL's speed
     diffs = setting_differences(old["settings"], settings, same)
     if diffs:
-        raise SystemExit(f"--steps-from: {path} was run with another budget ({'; '.join(diffs)})")
-    return {method: {**calib, "steps_from": calib.get("steps_from", str(path)),
-                     "threads": calib.get("threads", old["settings"]["threads"])}
-            for method, calib in old.get("calibration", {}).items() if method in methods}
+        raise SystemExit(f"--steps-from: {path} was timed under other settings ({'; '.join(diffs)})")
+    taken = {}
+    for method, calib in old.get("calibration", {}).items():
+        if method not in methods:
+            continue
+        taken[method] = {**calib, "steps_from": calib.get("steps_from", str(path)),
+                         "threads": calib.get("threads", old["settings"]["threads"])}
+        if settings["budget_minutes"] != old["settings"]["budget_minutes"]:
+            timed_for = calib.get("timed_for_budget_minutes", old["settings"]["budget_minutes"])
+            budget_s = settings["budget_minutes"] * 60 - calib.get("cache_build_s", 0.0)
+            taken[method]["steps"] = steps_for_budget(calib["seconds_per_step"], budget_s)
+            taken[method].pop("timed_for_budget_minutes", None)
+            if settings["budget_minutes"] != timed_for:
+                taken[method]["timed_for_budget_minutes"] = timed_for
+    return taken
 
 
 COMBINE_SETTINGS = ("budget_minutes", "batch_size", "pretrain_images", "ssl_augment", "recipe", "overrides", "teacher",
