@@ -46,3 +46,23 @@ def test_a_variant_finished_by_another_process_meanwhile_is_kept(tmp_path, monke
     fmnist_ablation.main(["--tag", "t", "--variants", "recipe", "--out-dir", str(tmp_path),
                           "--work-dir", str(tmp_path / "runs")])
     assert set(json.loads(out.read_text())["results"]) == {"at_3", "recipe"}
+
+
+def test_each_variant_names_its_machine_and_an_older_files_variants_get_its_one_machine(tmp_path, monkeypatch):
+    import training.evaluate as evaluate
+    import training.pretrain as pretrain
+
+    out = tmp_path / "t.json"
+    out.write_text(json.dumps({"split": "validation", "results": {"at_3": result(85, 85, 75, 81)},
+                               "machine": "AMD EPYC"}))  # a file from before per-variant machines
+    monkeypatch.setattr(fmnist_ablation, "describe_machine", lambda: "Intel Xeon")
+    monkeypatch.setattr(pretrain, "main", lambda argv: None)
+    scores = dict(zip(fmnist_ablation.PROTOCOL_KEYS, (90, 80, 70, 80), strict=True))
+    monkeypatch.setattr(evaluate, "main", lambda argv: {"results": {k: {"top1": v} for k, v in scores.items()}})
+    fmnist_ablation.main(["--tag", "t", "--variants", "recipe,lamb", "--out-dir", str(tmp_path),
+                          "--work-dir", str(tmp_path / "runs")])
+    saved = json.loads(out.read_text())
+    assert "machine" not in saved
+    assert {name: r["machine"] for name, r in saved["results"].items()} == {
+        "at_3": "AMD EPYC", "recipe": "Intel Xeon", "lamb": "Intel Xeon"}
+    assert "machines: AMD EPYC (at_3); Intel Xeon (recipe, lamb)" in (tmp_path / "t.md").read_text()

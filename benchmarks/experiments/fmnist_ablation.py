@@ -97,13 +97,32 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def load_report(path: Path) -> dict:
+    """A results file, each variant carrying the machine it ran on (older files kept one machine for the whole
+    file: the last writer's, which their variants get)."""
+    report = json.loads(path.read_text())
+    legacy = report.pop("machine", "not recorded")
+    for result in report["results"].values():
+        result.setdefault("machine", legacy)
+    return report
+
+
+def machines_line(results: dict) -> str:
+    """Each machine the variants ran on, with its variants: scores compare across machines, wall times do not."""
+    by_machine: dict[str, list[str]] = {}
+    for name, result in results.items():
+        by_machine.setdefault(result["machine"], []).append(name)
+    return "; ".join(f"{machine} ({', '.join(names)})" for machine, names in by_machine.items())
+
+
 def write_tables(report: dict, out_json: Path, split: str, max_test: int) -> None:
     """Writes the JSON and the table, first merging in the variants another process of this tag has written."""
     if out_json.is_file():
-        report["results"] = {**json.loads(out_json.read_text())["results"], **report["results"]}
+        report["results"] = {**load_report(out_json)["results"], **report["results"]}
     write_text_atomic(out_json, json.dumps(report, indent=2) + "\n")
     write_text_atomic(out_json.with_suffix(".md"), f"Top-1 on the {split} split ({max_test} images); **bold**: the "
-                      f"highest mean of the four.\n\n{table(report['results'])}\n\n{report.get('machine', '')}\n")
+                      f"highest mean of the four.\n\n{table(report['results'])}\n\n"
+                      f"machines: {machines_line(report['results'])}\n")
 
 
 def main(argv=None) -> dict:
@@ -113,7 +132,7 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     out_json = Path(args.out_dir) / f"{args.tag}.json"
-    report = json.loads(out_json.read_text()) if out_json.is_file() else {"results": {}, "split": args.split}
+    report = load_report(out_json) if out_json.is_file() else {"results": {}, "split": args.split}
     report.setdefault("split", "test")  # files from before --split were scored on test
     if report["split"] != args.split:
         raise SystemExit(f"{out_json} was scored on the {report['split']} split, not {args.split}: "
@@ -132,8 +151,8 @@ def main(argv=None) -> dict:
         ev = evaluate.main(["--model", f"local-dir:{run / 'export'}", "--max-train", str(args.max_train),
                             "--max-test", str(args.max_test), "--split", args.split, "--out", str(run / "eval.json")])
         scores = {k: v["top1"] for k, v in ev["results"].items()}
-        report["results"][name] = {"args": argv_run, "scores": scores, "train_seconds": train_s}
-        report["machine"] = describe_machine()
+        report["results"][name] = {"args": argv_run, "scores": scores, "train_seconds": train_s,
+                                   "machine": describe_machine()}
         write_tables(report, out_json, args.split, args.max_test)
         print(table(report["results"]), flush=True)
     if report["results"]:
