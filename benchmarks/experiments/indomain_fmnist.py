@@ -619,19 +619,20 @@ def calibration_from(path: Path, settings: dict[str, Any], methods: set[str]) ->
     diffs = setting_differences(old["settings"], settings, same)
     if diffs:
         raise SystemExit(f"--steps-from: {path} was timed under other settings ({'; '.join(diffs)})")
+    budget = settings["budget_minutes"]
     taken = {}
     for method, calib in old.get("calibration", {}).items():
         if method not in methods:
             continue
-        taken[method] = {**calib, "steps_from": calib.get("steps_from", str(path)),
-                         "threads": calib.get("threads", old["settings"]["threads"])}
-        if settings["budget_minutes"] != old["settings"]["budget_minutes"]:
-            timed_for = calib.get("timed_for_budget_minutes", old["settings"]["budget_minutes"])
-            budget_s = settings["budget_minutes"] * 60 - calib.get("cache_build_s", 0.0)
-            taken[method]["steps"] = steps_for_budget(calib["seconds_per_step"], budget_s)
-            taken[method].pop("timed_for_budget_minutes", None)
-            if settings["budget_minutes"] != timed_for:
-                taken[method]["timed_for_budget_minutes"] = timed_for
+        timed_for = calib.get("timed_for_budget_minutes", old["settings"]["budget_minutes"])  # a chain's origin
+        entry = {k: v for k, v in calib.items() if k != "timed_for_budget_minutes"}
+        entry.update(steps_from=calib.get("steps_from", str(path)),
+                     threads=calib.get("threads", old["settings"]["threads"]))
+        if budget != old["settings"]["budget_minutes"]:
+            entry["steps"] = steps_for_budget(calib["seconds_per_step"], budget * 60 - calib.get("cache_build_s", 0.0))
+        if budget != timed_for:
+            entry["timed_for_budget_minutes"] = timed_for
+        taken[method] = entry
     return taken
 
 
